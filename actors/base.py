@@ -1,0 +1,180 @@
+"""Shared machinery of stage actors: device and dtype, error-row pass-through, micro-batching, generator travel."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from pipeline import checkpoints, seeds
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GENERATOR_STATE = "generator_state"
+
+
+@dataclass
+class StageContext:
+    """What the planner tells one stage's actors beyond the run config."""
+
+    config: Config
+    use_gpu: bool = False
+    """The actor holds GPUs; it computes on CUDA when torch sees one."""
+    num_threads: int = 1
+    """torch intra-op threads when computing on CPU."""
+    final_image: bool = False
+    """This stage produces the run's final images: emit uint8 HWC `image` instead of float pixels."""
+    options: dict = field(default_factory=dict)
+    """Stage-specific wiring (e.g. which column the reranker scores)."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def to_uint8_hwc(images01: torch.Tensor) -> np.ndarray:
+    """[0,1] NCHW -> uint8 NHWC, rounding exactly as diffusers' numpy_to_pil does."""
+    array = images01.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
+    return (array * 255).round().astype(np.uint8)
+
+
+class StageActor:
+    """One pipeline stage. Ray Data instantiates it once per actor and calls it on batches of rows.
+
+    A batch is a dict of numpy arrays, one entry per row. Rows whose `status` is not 'ok' pass through
+    untouched (their outputs are zeros). Columns in `candidate_inputs` have a leading candidate axis per
+    row; the actor flattens rows x candidates into images and runs forward passes of at most
+    `stages.<name>.batch_size` images, so results do not depend on how Ray Data cut the batch.
+    """
+
+    name: ClassVar[str]
+    row_inputs: ClassVar[tuple[str, ...]] = ()
+    """Per-row columns, repeated for each candidate of the row."""
+    candidate_inputs: ClassVar[tuple[str, ...]] = ()
+    """Per-candidate columns, shape (rows, candidates, ...)."""
+    drops: ClassVar[tuple[str, ...]] = ()
+    """Columns no later stage needs; removed from the batch after this stage."""
+    per_row: ClassVar[bool] = False
+    """Outputs have no candidate axis (the text encoder)."""
+    uses_generators: ClassVar[bool] = False
+    """Continue each candidate's generator from `generator_state` (or start it from `seeds`)."""
+
+    def __init__(self, context: StageContext):
+        self.context = context
+        self.config = context.config
+        self.settings = getattr(self.config.stages, self.name)
+        use_cuda = context.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, context.num_threads))
+        self.dtype = resolve_dtype(self.settings.dtype or self.config.dtype, self.device)
+        self.output_spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        """Per-image (or per-row) shape and dtype of each output; filled by load()."""
+        self.load()
+        if self.uses_generators:
+            state_bytes = torch.Generator(device=self.device).get_state().numel()
+            self.output_spec[GENERATOR_STATE] = ((state_bytes,), np.dtype(np.uint8))
+
+    # ------------------------------------------------------------ to implement
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def run(self, inputs: dict[str, np.ndarray], generators: list[torch.Generator] | None) -> dict[str, np.ndarray]:
+        """Pure step on a flat chunk of images (or rows for per_row stages); returns per-image outputs."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ helpers for subclasses
+
+    def checkpoint(self, source_key: str) -> str:
+        models = self.config.models
+        return checkpoints.local_dir(getattr(models, source_key), source_key, self.config.storage_options,
+                                     models.allow_pickle)
+
+    def load_component(self, path: str, layout: str, component: str):
+        return checkpoints.load(path, layout, component, torch_dtype=self.dtype, device=self.device,
+                                allow_pickle=self.config.models.allow_pickle)
+
+    def tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype or self.dtype)
+
+    # ------------------------------------------------------------ batch mapping
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        status = np.asarray(batch["status"]).astype(object)
+        ok = np.nonzero(status == "ok")[0]
+        rows = len(status)
+        out = {k: v for k, v in batch.items() if k not in self.drops}
+        candidates = self._candidates(batch)
+        computed, failures = ({}, {})
+        if len(ok):
+            computed, failures = self._process({k: batch[k][ok] for k in self.row_inputs + self.candidate_inputs
+                                                if k in batch}, candidates)
+        for column, (shape, dtype) in self.output_spec.items():
+            lead = (rows,) if self.per_row else (rows, candidates)
+            full = np.zeros(lead + shape, dtype=dtype)
+            if len(ok):
+                full[ok] = computed[column]
+            out[column] = full
+        if failures:
+            status = status.copy()
+            errors = np.asarray(batch["error"]).astype(object).copy()
+            for position, reason in failures.items():
+                status[ok[position]] = "error"
+                errors[ok[position]] = reason
+            out["status"], out["error"] = status, errors
+        return out
+
+    def _candidates(self, batch: dict[str, np.ndarray]) -> int:
+        if self.per_row:
+            return 1
+        return int(np.asarray(batch[self.candidate_inputs[0]]).shape[1])
+
+    def _process(self, rows: dict[str, np.ndarray], candidates: int):
+        n_rows = len(next(iter(rows.values())))
+        per = 1 if self.per_row else candidates
+        flat = {}
+        for key, value in rows.items():
+            value = np.asarray(value)
+            if key in self.candidate_inputs:
+                flat[key] = value.reshape((n_rows * per,) + value.shape[2:])
+            else:
+                flat[key] = np.repeat(value, per, axis=0) if per > 1 else value
+        total = n_rows * per
+        chunks = []
+        for start in range(0, total, self.settings.batch_size):
+            chunk = {k: v[start:start + self.settings.batch_size] for k, v in flat.items()}
+            generators = self._generators(chunk) if self.uses_generators else None
+            with torch.inference_mode():
+                result = self.run(chunk, generators)
+            if generators is not None:
+                result[GENERATOR_STATE] = np.stack([seeds.generator_state(g) for g in generators])
+            chunks.append(result)
+        merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        failures = self._non_finite_rows(merged, n_rows, per)
+        shaped = {k: (v if self.per_row else v.reshape((n_rows, per) + v.shape[1:])) for k, v in merged.items()}
+        return shaped, failures
+
+    def _generators(self, chunk: dict[str, np.ndarray]) -> list[torch.Generator]:
+        if GENERATOR_STATE in chunk:
+            return [seeds.restore_generator(state, self.device) for state in chunk[GENERATOR_STATE]]
+        return [seeds.new_generator(seed, self.device) for seed in chunk["seeds"]]
+
+    def _non_finite_rows(self, merged: dict[str, np.ndarray], n_rows: int, per: int) -> dict[int, str]:
+        failures: dict[int, str] = {}
+        for column, values in merged.items():
+            if not np.issubdtype(values.dtype, np.floating):
+                continue
+            bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            for image in np.nonzero(bad)[0]:
+                failures.setdefault(int(image) // per, f"{self.name} produced non-finite values in {column}")
+        if failures:
+            log.warning("%s: %d row(s) produced NaN/inf and are recorded as errors", self.name, len(failures))
+        return failures

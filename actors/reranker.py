@@ -1,0 +1,72 @@
+"""CLIP reranker stage: scores every candidate of a prompt with CLIPModel and keeps the best `rerank.keep`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actors.base import GENERATOR_STATE, StageActor, to_uint8_hwc
+
+
+def pixels_uint8(column: str, images: np.ndarray) -> np.ndarray:
+    """Candidate images of any stage as uint8 HWC, the form CLIP's image processor takes."""
+    if column == "image":  # already the final uint8 HWC image
+        return images
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).float()
+    if column == "image_64":  # decoder output lives in [-1, 1]
+        tensor = (tensor * 0.5 + 0.5).clamp(0, 1)
+    return to_uint8_hwc(tensor)
+
+
+def clip_scores(model, tokenizer, image_processor, prompts: list[str], images_uint8: np.ndarray,
+                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """100 x cosine similarity of each prompt with its image, through the checkpoint's own preprocessing."""
+    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=tokenizer.model_max_length,
+                       return_tensors="pt").to(device)
+    pixels = image_processor(images=list(images_uint8), return_tensors="pt").pixel_values.to(device, dtype)
+    text = model.get_text_features(**tokens)
+    image = model.get_image_features(pixel_values=pixels)
+    text = getattr(text, "pooler_output", text)
+    image = getattr(image, "pooler_output", image)
+    text = text / text.norm(dim=-1, keepdim=True)
+    image = image / image.norm(dim=-1, keepdim=True)
+    return 100.0 * (text * image).sum(-1)
+
+
+class RerankerActor(StageActor):
+    name = "reranker"
+    row_inputs = ("prompt",)
+
+    def __init__(self, context):
+        self.column = context.options["column"]
+        self.candidate_inputs = (self.column,)
+        self.keep = context.config.rerank.keep
+        super().__init__(context)
+
+    def load(self) -> None:
+        path = self.checkpoint("clip")
+        self.model = self.load_component(path, "clip", "model")
+        self.tokenizer = self.load_component(path, "clip", "tokenizer")
+        self.image_processor = self.load_component(path, "clip", "image_processor")
+        self.output_spec = {"candidate_scores": ((), np.dtype(np.float32))}
+
+    def run(self, inputs, generators):
+        scores = clip_scores(self.model, self.tokenizer, self.image_processor, [str(p) for p in inputs["prompt"]],
+                             pixels_uint8(self.column, inputs[self.column]), self.device, self.dtype)
+        return {"candidate_scores": scores.float().cpu().numpy()}
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        scores = out["candidate_scores"]
+        # Best first; ties keep the lower candidate index (stable sort), so reruns pick the same images.
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.keep]
+        ok = np.asarray(out["status"]).astype(object) == "ok"
+        order[~ok] = np.arange(self.keep)
+        for column in ("seeds", GENERATOR_STATE, self.column):
+            if column in out:
+                values = np.asarray(out[column])
+                index = order.reshape(order.shape + (1,) * (values.ndim - 2))
+                out[column] = np.take_along_axis(values, index, axis=1)
+        out["candidate"] = order.astype(np.int32)
+        out["clip_score"] = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+        return out

@@ -1,0 +1,1 @@
+"""Entrypoints: `python -m jobs.<name>`; each parses arguments and calls into `pipeline`."""

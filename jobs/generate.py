@@ -1,0 +1,54 @@
+"""The main job: `python -m jobs.generate --config run.yaml --input ... --output ...` (also the Ray job entrypoint)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.checkpoints import CheckpointError
+from pipeline.config import ConfigError, load_config
+from pipeline.output import OutputError
+from pipeline.reader import InputError
+
+RUN_LEVEL_ERRORS = (ConfigError, InputError, CheckpointError, OutputError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--input", help="prompts: Parquet file, directory or glob at any fsspec URL (input.path)")
+    parser.add_argument("--output", help="output directory at any fsspec URL (output.path)")
+    parser.add_argument("--preset", help="built-in model preset, e.g. 'tiny'")
+    parser.add_argument("--window", help="scheduled-run window substituted for {window} in paths; 'auto' = now")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set stages.decoder.steps=50 (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides, input_path=args.input, output_path=args.output,
+                             preset=args.preset, window=args.window)
+        from pipeline.run import generate
+
+        result = generate(config)
+    except RUN_LEVEL_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = result.summary
+    counts = summary["counts"]
+    if result.already_done:
+        print(f"already complete: {summary['output']} ({counts['ok']} ok, {counts['error']} error rows); nothing to do")
+        return 0
+    print(f"done: {counts['ok']} ok, {counts['error']} error, {counts['skipped']} skipped (finished earlier) "
+          f"of {counts['input_rows']} rows; {counts['images']} images in {summary['wall_time_s']:.1f}s "
+          f"({summary['images_per_s']} images/s this attempt)")
+    print(f"output: {summary['output']} (images, metadata/*.parquet, _SUCCESS.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

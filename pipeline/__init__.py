@@ -1,0 +1,1 @@
+"""The data path: configuration, checkpoints, input, output, planning and the run itself."""

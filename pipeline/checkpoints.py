@@ -1,0 +1,272 @@
+"""Checkpoint sources: layouts, preflight validation, per-node local caching, and `from_pretrained` loading."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import storage
+from pipeline.presets import TINY_BUILDERS, TINY_VERSION
+
+DIFFUSERS_MODEL = "diffusers model"
+TRANSFORMERS_MODEL = "transformers model"
+SCHEDULER = "scheduler"
+TOKENIZER = "tokenizer"
+IMAGE_PROCESSOR = "image processor"
+
+TINY_SCHEME = "tiny://"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or malformed; the message names the path and the part."""
+
+
+@dataclass(frozen=True)
+class Component:
+    subfolder: str
+    """Folder inside the checkpoint ('' for the root)."""
+    kind: str
+    cls: str | None
+    """Dotted class to load with; None: the class named in the component's own config (schedulers)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    description: str
+    components: dict[str, Component]
+
+
+UNCLIP = Layout("Karlo unCLIP diffusers layout", {
+    "tokenizer": Component("tokenizer", TOKENIZER, "transformers.CLIPTokenizer"),
+    "text_encoder": Component("text_encoder", TRANSFORMERS_MODEL, "transformers.CLIPTextModelWithProjection"),
+    "prior": Component("prior", DIFFUSERS_MODEL, "diffusers.PriorTransformer"),
+    "text_proj": Component("text_proj", DIFFUSERS_MODEL,
+                           "diffusers.pipelines.deprecated.unclip.text_proj.UnCLIPTextProjModel"),
+    "decoder": Component("decoder", DIFFUSERS_MODEL, "diffusers.UNet2DConditionModel"),
+    "super_res_first": Component("super_res_first", DIFFUSERS_MODEL, "diffusers.UNet2DModel"),
+    "super_res_last": Component("super_res_last", DIFFUSERS_MODEL, "diffusers.UNet2DModel"),
+    "prior_scheduler": Component("prior_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
+    "decoder_scheduler": Component("decoder_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
+    "super_res_scheduler": Component("super_res_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
+})
+
+UPSCALER = Layout("x4 upscaler diffusers layout", {
+    "vae": Component("vae", DIFFUSERS_MODEL, "diffusers.AutoencoderKL"),
+    "text_encoder": Component("text_encoder", TRANSFORMERS_MODEL, "transformers.CLIPTextModel"),
+    "tokenizer": Component("tokenizer", TOKENIZER, "transformers.CLIPTokenizer"),
+    "unet": Component("unet", DIFFUSERS_MODEL, "diffusers.UNet2DConditionModel"),
+    "scheduler": Component("scheduler", SCHEDULER, None),
+    "low_res_scheduler": Component("low_res_scheduler", SCHEDULER, None),
+})
+
+CLIP = Layout("CLIPModel layout", {
+    "model": Component("", TRANSFORMERS_MODEL, "transformers.CLIPModel"),
+    "tokenizer": Component("", TOKENIZER, "transformers.CLIPTokenizer"),
+    "image_processor": Component("", IMAGE_PROCESSOR, "transformers.AutoImageProcessor"),
+})
+
+LAYOUTS = {"unclip": UNCLIP, "upsampler_1024": UPSCALER, "clip": CLIP}
+
+_WEIGHT_STEMS = {DIFFUSERS_MODEL: ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                 TRANSFORMERS_MODEL: ("model", "pytorch_model")}
+_CONFIG_FILE = {DIFFUSERS_MODEL: "config.json", TRANSFORMERS_MODEL: "config.json", SCHEDULER: "scheduler_config.json"}
+_OPTIONAL_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _weight_files(names: set[str], stem: str, suffix: str) -> list[str]:
+    single = f"{stem}.{suffix}"
+    if single in names:
+        return [single]
+    index = f"{stem}.{suffix}.index.json"
+    if index in names:
+        shard = re.compile(rf"^{re.escape(stem)}-\d+-of-\d+\.{suffix}$")
+        return [index] + sorted(n for n in names if shard.match(n))
+    return []
+
+
+def select_files(where: str, component: Component, names: set[str], allow_pickle: bool) -> list[str]:
+    """The files a component needs out of those present; raises CheckpointError naming what is missing."""
+    kind = component.kind
+    if kind in (DIFFUSERS_MODEL, TRANSFORMERS_MODEL):
+        if "config.json" not in names:
+            raise CheckpointError(f"{where}: missing config.json")
+        safe_stem, pickle_stem = _WEIGHT_STEMS[kind]
+        weights = _weight_files(names, safe_stem, "safetensors")
+        if not weights:
+            pickled = _weight_files(names, pickle_stem, "bin")
+            if pickled and not allow_pickle:
+                raise CheckpointError(
+                    f"{where}: only pickle weights ({pickled[0]}); convert them to safetensors, or set "
+                    "models.allow_pickle=true if you trust this checkpoint")
+            if not pickled:
+                raise CheckpointError(f"{where}: missing {safe_stem}.safetensors (model weights)")
+            weights = pickled
+        return ["config.json"] + weights
+    if kind == SCHEDULER:
+        if "scheduler_config.json" not in names:
+            raise CheckpointError(f"{where}: missing scheduler_config.json")
+        return ["scheduler_config.json"]
+    if kind == TOKENIZER:
+        optional = [n for n in _OPTIONAL_TOKENIZER_FILES if n in names]
+        base = [n for n in ("tokenizer.json", "vocab.json", "merges.txt") if n in names]
+        if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+            raise CheckpointError(f"{where}: missing tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+        return base + optional
+    if kind == IMAGE_PROCESSOR:
+        found = [n for n in ("preprocessor_config.json", "processor_config.json") if n in names]
+        if not found:
+            raise CheckpointError(f"{where}: missing preprocessor_config.json (the image preprocessing config)")
+        return found
+    raise AssertionError(kind)
+
+
+def _where(url: str, layout: Layout, component: Component) -> str:
+    inside = f"/{component.subfolder}" if component.subfolder else ""
+    return f"checkpoint {url.rstrip('/')}{inside} ({layout.description})"
+
+
+def _plan_files(url: str, layout: Layout, storage_options: dict, allow_pickle: bool) -> list[str]:
+    """Relative paths of every file the layout needs, after checking they exist and configs parse."""
+    fs, root = storage.filesystem(url, storage_options)
+    try:
+        is_dir = storage.with_retries(lambda: fs.isdir(root), what=f"stat {url}")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {url} cannot be read: {type(exc).__name__}: {exc}") from None
+    if not is_dir:
+        raise CheckpointError(f"checkpoint {url} does not exist or is not a directory ({layout.description})")
+    listed: dict[str, set[str]] = {}
+    wanted: list[str] = []
+    for component in layout.components.values():
+        sub = component.subfolder
+        if sub not in listed:
+            folder = storage.join(root, sub) if sub else root
+            listed[sub] = {p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(fs, folder)}
+            if not listed[sub]:
+                raise CheckpointError(f"{_where(url, layout, component)}: folder {sub}/ is missing")
+        for name in select_files(_where(url, layout, component), component, listed[sub], allow_pickle):
+            rel = f"{sub}/{name}" if sub else name
+            if rel in wanted:
+                continue
+            wanted.append(rel)
+            if name.endswith("config.json") and name != "tokenizer_config.json":
+                raw = storage.read_bytes(fs, storage.join(root, rel))
+                try:
+                    json.loads(raw)
+                except ValueError as exc:
+                    raise CheckpointError(f"{_where(url, layout, component)}: {name} is not valid JSON ({exc})") from None
+    return wanted
+
+
+def validate(url: str, layout_name: str, storage_options: dict | None = None, allow_pickle: bool = False) -> None:
+    """Check a source before any work starts: exists, every component present, configs parse."""
+    if url.startswith(TINY_SCHEME):
+        name = url[len(TINY_SCHEME):]
+        if name not in TINY_BUILDERS:
+            raise CheckpointError(f"unknown built-in checkpoint {url}; available: "
+                                  + ", ".join(TINY_SCHEME + n for n in TINY_BUILDERS))
+        return
+    _plan_files(url, LAYOUTS[layout_name], storage_options or {}, allow_pickle)
+
+
+def cache_root() -> str:
+    return os.environ.get("UNCLIP_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "unclip_ray")
+
+
+@contextlib.contextmanager
+def _node_lock(path: str):
+    # An flock serializes the actors of one node that start together; other nodes have their own cache.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_once(target: str, fill) -> str:
+    marker = os.path.join(target, ".complete")
+    if os.path.exists(marker):
+        return target
+    with _node_lock(target):
+        if os.path.exists(marker):
+            return target
+        staging = f"{target}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        fill(staging)
+        open(os.path.join(staging, ".complete"), "w").close()
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(staging, target)
+    return target
+
+
+def local_dir(url: str, layout_name: str, storage_options: dict | None = None, allow_pickle: bool = False) -> str:
+    """A local directory holding the checkpoint: the path itself, or this node's cached copy or build."""
+    if url.startswith(TINY_SCHEME):
+        name = url[len(TINY_SCHEME):]
+        validate(url, layout_name)
+        target = os.path.join(cache_root(), f"tiny-v{TINY_VERSION}", name)
+        return _build_once(target, TINY_BUILDERS[name])
+    if storage.is_local(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        validate(path, layout_name, allow_pickle=allow_pickle)
+        return os.path.abspath(path)
+    options = storage_options or {}
+    digest = hashlib.sha256(f"{url.rstrip('/')}|pickle={allow_pickle}".encode()).hexdigest()[:16]
+    target = os.path.join(cache_root(), "models", f"{url.rstrip('/').rsplit('/', 1)[-1]}-{digest}")
+
+    def copy(staging: str) -> None:
+        fs, root = storage.filesystem(url, options)
+        for rel in _plan_files(url, LAYOUTS[layout_name], options, allow_pickle):
+            local = os.path.join(staging, rel)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            storage.with_retries(lambda rel=rel, local=local: fs.get_file(storage.join(root, rel), local),
+                                 what=f"download {url}/{rel}")
+
+    return _build_once(target, copy)
+
+
+def _import(dotted: str) -> Any:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _scheduler_class(path: str, component: Component) -> Any:
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    if component.cls is not None:
+        return _import(component.cls)
+    config_path = os.path.join(path, component.subfolder, "scheduler_config.json")
+    with open(config_path, encoding="utf-8") as fh:
+        name = json.load(fh).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise CheckpointError(f"{config_path}: _class_name {name!r} is not a diffusers scheduler")
+    return cls
+
+
+def load(path: str, layout_name: str, name: str, *, torch_dtype=None, device=None, allow_pickle: bool = False):
+    """Load one component of a local checkpoint with its class's own `from_pretrained`."""
+    component = LAYOUTS[layout_name].components[name]
+    kwargs: dict[str, Any] = {"subfolder": component.subfolder} if component.subfolder else {}
+    if component.kind == SCHEDULER:
+        return _scheduler_class(path, component).from_pretrained(path, **kwargs)
+    cls = _import(component.cls)
+    if component.kind in (TOKENIZER, IMAGE_PROCESSOR):
+        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+    # Safetensors only, unless the user opted in; pickle can execute code on load.
+    model = cls.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+                                local_files_only=True, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

@@ -1,0 +1,490 @@
+"""Run configuration: typed dataclasses, YAML loading, `--set dotted.key=value` overrides and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+OUTPUT_FORMATS = ("files", "webdataset")
+IMAGE_FORMATS = ("png", "webp", "jpeg")
+OUTPUT_MODES = ("resume", "overwrite", "error_if_exists")
+RERANK_AT = ("decoder", "upsampler_256")
+
+
+class ConfigError(ValueError):
+    """A run-level configuration problem; its message is one line a user can act on."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_stage_common(stage: "StageConfig", name: str) -> None:
+    _require(isinstance(stage.batch_size, int) and stage.batch_size >= 1,
+             f"stages.{name}.batch_size must be an integer >= 1 (images per forward pass), got {stage.batch_size!r}")
+    _require(stage.num_gpus == "auto" or (isinstance(stage.num_gpus, (int, float)) and 0 <= stage.num_gpus <= 8),
+             f"stages.{name}.num_gpus must be 'auto' or a GPU fraction per actor between 0 and 8, got {stage.num_gpus!r}")
+    _require(stage.num_cpus is None or (isinstance(stage.num_cpus, (int, float)) and stage.num_cpus > 0),
+             f"stages.{name}.num_cpus must be null or a positive number of CPUs per actor, got {stage.num_cpus!r}")
+    _require(stage.replicas == "auto" or (isinstance(stage.replicas, int) and stage.replicas >= 1),
+             f"stages.{name}.replicas must be 'auto' or an integer >= 1, got {stage.replicas!r}")
+    _require(stage.dtype is None or stage.dtype in DTYPES,
+             f"stages.{name}.dtype must be one of {', '.join(DTYPES)} (or null for the top-level dtype), got {stage.dtype!r}")
+
+
+@dataclass
+class StageConfig:
+    """Resources and batching shared by every stage actor pool."""
+
+    batch_size: int = 8
+    """Images per forward pass (a prompt row with N candidates counts N)."""
+    num_gpus: float | str = "auto"
+    """GPU fraction each actor holds; 'auto' lets the planner share GPUs by stage cost. Ignored without GPUs."""
+    num_cpus: float | None = None
+    """CPUs each actor holds; null: 1 on GPU clusters, a planned share on CPU-only clusters."""
+    replicas: int | str = "auto"
+    """Actors in the stage's pool; 'auto' lets the planner balance stages by cost."""
+    dtype: str | None = None
+    """fp32, fp16 or bf16; null uses the top-level `dtype`."""
+
+    def __post_init__(self) -> None:
+        _check_stage_common(self, self._name())
+
+    def _name(self) -> str:
+        return getattr(self, "_stage_name", "<stage>")
+
+
+def _diffusion_checks(stage: "StageConfig", name: str, has_guidance: bool) -> None:
+    _require(isinstance(stage.steps, int) and stage.steps >= 1,
+             f"stages.{name}.steps must be an integer >= 1, got {stage.steps!r}")
+    if has_guidance:
+        _require(isinstance(stage.guidance_scale, (int, float)) and stage.guidance_scale >= 0,
+                 f"stages.{name}.guidance_scale must be a number >= 0 (<= 1 turns guidance off), "
+                 f"got {stage.guidance_scale!r}")
+
+
+@dataclass
+class TextEncoderStageConfig(StageConfig):
+    """CLIP text encoder: tokenizes prompts and embeds them once per prompt."""
+
+    _stage_name = "text_encoder"
+    batch_size: int = 64
+
+
+@dataclass
+class PriorStageConfig(StageConfig):
+    """Diffusion prior: CLIP text embedding -> CLIP image embedding."""
+
+    _stage_name = "prior"
+    steps: int = 25
+    """Sampling steps (Karlo default 25)."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale; <= 1 disables guidance."""
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _diffusion_checks(self, "prior", has_guidance=True)
+
+
+@dataclass
+class DecoderStageConfig(StageConfig):
+    """64px decoder: image embedding + text -> 64x64 image (learned variance, guidance)."""
+
+    _stage_name = "decoder"
+    steps: int = 25
+    """Sampling steps (Karlo default 25)."""
+    guidance_scale: float = 8.0
+    """Classifier-free guidance scale; <= 1 disables guidance."""
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _diffusion_checks(self, "decoder", has_guidance=True)
+
+
+@dataclass
+class Upsampler256StageConfig(StageConfig):
+    """Karlo super-resolution 64 -> 256 (super_res_first for all but the last step, super_res_last last)."""
+
+    _stage_name = "upsampler_256"
+    steps: int = 7
+    """Sampling steps (Karlo default 7)."""
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _diffusion_checks(self, "upsampler_256", has_guidance=False)
+
+
+@dataclass
+class Upsampler1024StageConfig(StageConfig):
+    """x4 latent upscaler 256 -> 1024, continuing each candidate's generator."""
+
+    _stage_name = "upsampler_1024"
+    steps: int = 75
+    """Sampling steps (StableDiffusionUpscalePipeline default 75)."""
+    guidance_scale: float = 9.0
+    """Classifier-free guidance scale (upscaler default 9)."""
+    noise_level: int = 20
+    """Noise added to the low-res input, 0..max_noise_level of the checkpoint (default 20)."""
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _diffusion_checks(self, "upsampler_1024", has_guidance=True)
+        _require(isinstance(self.noise_level, int) and self.noise_level >= 0,
+                 f"stages.upsampler_1024.noise_level must be an integer >= 0, got {self.noise_level!r}")
+
+
+@dataclass
+class RerankerStageConfig(StageConfig):
+    """CLIP reranker: scores every candidate of a prompt and keeps the best `rerank.keep`."""
+
+    _stage_name = "reranker"
+    batch_size: int = 32
+
+
+@dataclass
+class StagesConfig:
+    """Per-stage settings, keyed by stage name."""
+
+    text_encoder: TextEncoderStageConfig = field(default_factory=TextEncoderStageConfig)
+    prior: PriorStageConfig = field(default_factory=PriorStageConfig)
+    decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
+    upsampler_256: Upsampler256StageConfig = field(default_factory=Upsampler256StageConfig)
+    upsampler_1024: Upsampler1024StageConfig = field(default_factory=Upsampler1024StageConfig)
+    reranker: RerankerStageConfig = field(default_factory=RerankerStageConfig)
+
+
+@dataclass
+class ModelsConfig:
+    """Checkpoint sources: a local directory, any fsspec URL, or a built-in `tiny://` checkpoint."""
+
+    unclip: str | None = None
+    """Karlo diffusers layout (kakaobrain/karlo-v1-alpha snapshot)."""
+    upsampler_1024: str | None = None
+    """x4 upscaler layout (stabilityai/stable-diffusion-x4-upscaler snapshot); null stops at 256px."""
+    clip: str | None = None
+    """CLIPModel layout (openai/clip-vit-large-patch14 snapshot) for reranking; null records no scores."""
+    allow_pickle: bool = False
+    """Load pickle (.bin/.ckpt) weights when a component has no safetensors. Only for checkpoints you trust."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.unclip, str) and self.unclip != "",
+                 "models.unclip is required: a Karlo-layout checkpoint directory or URL (or use --preset tiny)")
+        for key in ("upsampler_1024", "clip"):
+            value = getattr(self, key)
+            _require(value is None or (isinstance(value, str) and value != ""),
+                     f"models.{key} must be a checkpoint directory/URL or null, got {value!r}")
+        _require(isinstance(self.allow_pickle, bool), f"models.allow_pickle must be true or false, got {self.allow_pickle!r}")
+
+
+@dataclass
+class RerankConfig:
+    """CLIP reranking of each prompt's candidates (SPEC 5)."""
+
+    candidates: int = 1
+    """Images generated per prompt (N)."""
+    keep: int = 1
+    """Images kept per prompt (k <= N), the highest CLIP scores."""
+    at: str = "decoder"
+    """Where candidates are scored: 'decoder' (64px, only winners are upsampled) or 'upsampler_256'."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.candidates, int) and self.candidates >= 1,
+                 f"rerank.candidates must be an integer >= 1, got {self.candidates!r}")
+        _require(isinstance(self.keep, int) and 1 <= self.keep <= self.candidates,
+                 f"rerank.keep must be an integer between 1 and rerank.candidates ({self.candidates}), got {self.keep!r}")
+        _require(self.at in RERANK_AT, f"rerank.at must be one of {', '.join(RERANK_AT)}, got {self.at!r}")
+
+
+@dataclass
+class PriorConfig:
+    """Prior sampling options beyond the stage settings."""
+
+    best_of: int = 1
+    """Image embeddings sampled per candidate; the one with the highest dot product with the text embedding wins."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.best_of, int) and self.best_of >= 1,
+                 f"prior.best_of must be an integer >= 1, got {self.best_of!r}")
+
+
+@dataclass
+class InputConfig:
+    """Where prompts come from."""
+
+    path: str | None = None
+    """A Parquet file, directory or glob at any fsspec URL; may contain {window}."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text."""
+    id_column: str = "id"
+    """Optional column of unique row ids; absent: ids derive from file path and row position."""
+    seed_column: str = "seed"
+    """Optional int64 column of per-row seeds; absent: seeds derive from the run seed and the id."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.path, str) and self.path != "",
+                 "input.path is required: pass --input PATH (a Parquet file, directory or glob)")
+        for key in ("prompt_column", "id_column", "seed_column"):
+            value = getattr(self, key)
+            _require(isinstance(value, str) and value != "", f"input.{key} must be a column name, got {value!r}")
+
+
+@dataclass
+class OutputConfig:
+    """Where images and metadata go."""
+
+    path: str | None = None
+    """Output directory at any fsspec URL (a plain path is local); may contain {window}."""
+    format: str = "files"
+    """'files' (one image object per kept image) or 'webdataset' (tar shards of image + json)."""
+    image_format: str = "png"
+    """png, webp or jpeg."""
+    quality: int = 95
+    """Encoder quality for webp and jpeg (1-100)."""
+    shard_size: int = 256
+    """Rows per commit unit: one metadata part (and one tar shard for webdataset) each."""
+    mode: str = "resume"
+    """'resume' continues a run in the same output, 'overwrite' deletes it first, 'error_if_exists' refuses."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.path, str) and self.path != "",
+                 "output.path is required: pass --output PATH (a directory or URL)")
+        _require(self.format in OUTPUT_FORMATS, f"output.format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
+        _require(self.image_format in IMAGE_FORMATS,
+                 f"output.image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        _require(isinstance(self.quality, int) and 1 <= self.quality <= 100,
+                 f"output.quality must be an integer 1-100, got {self.quality!r}")
+        _require(isinstance(self.shard_size, int) and self.shard_size >= 1,
+                 f"output.shard_size must be an integer >= 1, got {self.shard_size!r}")
+        _require(self.mode in OUTPUT_MODES, f"output.mode must be one of {', '.join(OUTPUT_MODES)}, got {self.mode!r}")
+
+
+@dataclass
+class RunConfig:
+    """Naming of scheduled runs."""
+
+    window: str | None = None
+    """The run's window (e.g. a date); substituted for {window} in input.path and output.path. 'auto': now."""
+    window_granularity: str = "day"
+    """For window 'auto': 'day' (YYYY-MM-DD) or 'hour' (YYYY-MM-DDTHH) in UTC."""
+
+    def __post_init__(self) -> None:
+        _require(self.window is None or (isinstance(self.window, str) and self.window != ""),
+                 f"run.window must be a string such as 2026-11-24 or 'auto', got {self.window!r}")
+        _require(self.window_granularity in ("day", "hour"),
+                 f"run.window_granularity must be 'day' or 'hour', got {self.window_granularity!r}")
+
+
+@dataclass
+class Config:
+    """One generation run."""
+
+    models: ModelsConfig
+    input: InputConfig
+    output: OutputConfig
+    preset: str | None = None
+    """'tiny' fills unset model sources with tiny seeded checkpoints built in code."""
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    """Run seed; rows without a seed column derive their seeds from it and their id."""
+    dtype: str = "auto"
+    """Default stage dtype: fp32, fp16, bf16, or auto (fp16 on GPU, fp32 on CPU)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec storage options for every remote URL (e.g. endpoint_url, key, secret, anon). Never logged."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+                 f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(isinstance(self.storage_options, dict), "storage_options must be a mapping of fsspec options")
+        _require(self.rerank.candidates == self.rerank.keep or self.models.clip is not None,
+                 f"rerank.candidates={self.rerank.candidates} > rerank.keep={self.rerank.keep} needs models.clip "
+                 "(a CLIPModel checkpoint) to score candidates")
+
+
+# ---------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict] = {
+    # Tiny random checkpoints, built and saved in code: for demos, tests and CI.
+    "tiny": {
+        "models": {"unclip": "tiny://unclip", "upsampler_1024": "tiny://upsampler_1024", "clip": "tiny://clip"},
+        "stages": {"upsampler_1024": {"steps": 20}},
+    },
+}
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts (mappings such as storage_options count as leaves)."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys.extend(valid_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key(dotted: str) -> ConfigError:
+    close = difflib.get_close_matches(dotted, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see README for the valid keys"
+    return ConfigError(f"unknown config key '{dotted}'{hint}")
+
+
+def _build(cls: type, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types:
+            raise _unknown_key(f"{prefix}{key}")
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    for name, tp in types.items():
+        if name not in kwargs and dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, {}, f"{prefix}{name}.")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, dotted: str) -> Any:
+    # YAML gives ints for "4"; float fields accept them. Everything else is checked by __post_init__.
+    if tp in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if float in args and isinstance(value, int) and not isinstance(value, bool) and int not in args:
+            return float(value)
+    if tp is dict and value is None:
+        return {}
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if any(p == "" for p in parts):
+        raise ConfigError(f"malformed key '{dotted}': expected dotted.key=value")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "storage_options":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', YAML scalar of value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects dotted.key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    input_path: str | None = None,
+    output_path: str | None = None,
+    preset: str | None = None,
+    window: str | None = None,
+) -> Config:
+    """Build a validated Config: preset < YAML file < --set overrides < --input/--output/--preset/--window."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    for key, value in (("input.path", input_path), ("output.path", output_path), ("preset", preset),
+                       ("run.window", window)):
+        if value is not None:
+            _set_dotted(tree, key, value)
+    preset_name = tree.get("preset")
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset_name}'; available: {', '.join(PRESETS)}")
+        tree = _merge(PRESETS[preset_name], tree)
+    for section in ("models", "input", "output"):
+        tree.setdefault(section, {})
+    return _build(Config, tree)
+
+
+def to_dict(config: Config) -> dict:
+    """Plain nested dict of a config (what the run records)."""
+    return dataclasses.asdict(config)
+
+
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redacted(config: Config) -> dict:
+    """The config as a dict with storage credentials masked: safe for logs, metadata and the summary."""
+    data = to_dict(config)
+    data["storage_options"] = redact_options(data.get("storage_options", {}))
+    return data
+
+
+def redact_options(options: dict) -> dict:
+    out = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out[key] = redact_options(value)
+        elif any(word in key.lower() for word in SECRET_WORDS):
+            out[key] = "***"
+        else:
+            out[key] = value
+    return out
+
+
+def stage_config(config: Config, name: str) -> StageConfig:
+    return getattr(config.stages, name)

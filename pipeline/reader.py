@@ -1,0 +1,208 @@
+"""Prompt input: preflight checks of the Parquet source, then a streaming Ray Data read that yields prompt rows."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import seeds, storage
+from pipeline.config import Config
+
+GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class InputError(ValueError):
+    """A run-level input problem (missing column, unreadable path, duplicate ids); one line for the user."""
+
+
+@dataclass
+class InputInfo:
+    """What preflight learned about the input."""
+
+    url: str
+    files: list[str]
+    """Paths inside the filesystem (no protocol), in a stable order."""
+    rows: int
+    has_id: bool
+    has_seed: bool
+    prompt_is_string: bool
+    columns: list[str] = field(default_factory=list)
+
+
+def _resolve_files(url: str, storage_options: dict) -> tuple[object, list[str]]:
+    fs, path = storage.filesystem(url, storage_options)
+    expected = "expected a Parquet file, a directory of Parquet files, or a glob"
+    try:
+        if GLOB_CHARS.search(path):
+            files = [p for p in storage.with_retries(lambda: fs.glob(path), what=f"glob {url}")
+                     if not storage.with_retries(lambda p=p: fs.isdir(p), what=f"stat {p}")]
+        elif storage.with_retries(lambda: fs.isdir(path), what=f"stat {url}"):
+            files = [p for p in storage.with_retries(lambda: fs.find(path), what=f"list {url}")
+                     if p.endswith(".parquet") and not _hidden(p[len(path.rstrip('/')) + 1:])]
+        elif storage.with_retries(lambda: fs.isfile(path), what=f"stat {url}"):
+            files = [path]
+        else:
+            raise InputError(f"input.path {url} does not exist ({expected})")
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any backend error is a run-level 'unreadable path'
+        raise InputError(f"input.path {url} cannot be read: {type(exc).__name__}: {exc}") from None
+    if not files:
+        raise InputError(f"input.path {url} matches no Parquet files ({expected})")
+    return fs, sorted(files)
+
+
+def _hidden(relative: str) -> bool:
+    # Same convention as pyarrow/Spark: _SUCCESS, .inprogress files and _temporary dirs are not data.
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def preflight(config: Config) -> InputInfo:
+    """Check the input before any model loads: readable files, the prompt column, id uniqueness, seed type."""
+    spec = config.input
+    fs, files = _resolve_files(spec.path, config.storage_options)
+    rows = 0
+    has_id = has_seed = None
+    prompt_is_string = True
+    columns: list[str] = []
+    for path in files:
+        try:
+            with fs.open(path, "rb") as fh:
+                parquet = pq.ParquetFile(fh)
+                schema, count = parquet.schema_arrow, parquet.metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+            raise InputError(f"input file {path} is not a readable Parquet file ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        names = schema.names
+        columns = columns or names
+        if spec.prompt_column not in names:
+            raise InputError(f"input file {path} has no column '{spec.prompt_column}' (columns: "
+                             f"{', '.join(names) or 'none'}); set input.prompt_column to the prompt column")
+        prompt_is_string &= pa.types.is_string(schema.field(spec.prompt_column).type) or \
+            pa.types.is_large_string(schema.field(spec.prompt_column).type)
+        file_has_id, file_has_seed = spec.id_column in names, spec.seed_column in names
+        if has_id is not None and (file_has_id != has_id or file_has_seed != has_seed):
+            raise InputError(f"input file {path} differs from the others in having '{spec.id_column}' or "
+                             f"'{spec.seed_column}' columns; every file needs the same optional columns")
+        has_id, has_seed = file_has_id, file_has_seed
+        if file_has_seed and not pa.types.is_integer(schema.field(spec.seed_column).type):
+            raise InputError(f"input column '{spec.seed_column}' in {path} is {schema.field(spec.seed_column).type}, "
+                             "expected int64 seeds (or rename it and set input.seed_column)")
+        rows += count
+    info = InputInfo(url=spec.path, files=files, rows=rows, has_id=bool(has_id), has_seed=bool(has_seed),
+                     prompt_is_string=prompt_is_string, columns=columns)
+    if info.has_id:
+        _check_unique_ids(fs, files, spec.id_column)
+    return info
+
+
+def _check_unique_ids(fs, files: list[str], column: str) -> None:
+    # One streaming pass over the id column only; memory grows with the number of ids, not with prompts.
+    seen: set[str] = set()
+    for path in files:
+        with fs.open(path, "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(columns=[column], batch_size=65536):
+                for value in batch.column(0).to_pylist():
+                    if value is None:
+                        continue
+                    key = str(value)
+                    if key in seen:
+                        raise InputError(f"duplicate id '{key}' in input column '{column}' (found again in {path}); "
+                                         "ids must be unique: fix the input or drop the id column to derive ids")
+                    seen.add(key)
+
+
+def derived_id(path: str, row_hash: int) -> str:
+    """Id of a row without one: file stem + Ray Data's row hash of (file path, row position)."""
+    stem = os.path.basename(path)
+    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
+    return f"{stem}-{int(row_hash):016x}"
+
+
+def validate_prompt(value) -> str | None:
+    """The reason a prompt value cannot be generated from, or None when it is fine."""
+    if value is None:
+        return "prompt is null"
+    if not isinstance(value, str):
+        return f"prompt is {type(value).__name__}, expected a string"
+    if value.strip() == "":
+        return "prompt is empty" if value == "" else "prompt is whitespace only"
+    return None
+
+
+class RowPreparer:
+    """Turns raw Parquet rows into pipeline rows: id, prompt, status, error, truncated, seeds."""
+
+    def __init__(self, config: Config, info: InputInfo, done_ids=None):
+        self.spec = config.input
+        self.run_seed = config.seed
+        self.candidates = config.rerank.candidates
+        self.has_id, self.has_seed = info.has_id, info.has_seed
+        self.done_ids = done_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = list(batch[self.spec.prompt_column])
+        n = len(prompts)
+        ids = np.empty(n, dtype=object)
+        for i in range(n):
+            raw = batch[self.spec.id_column][i] if self.has_id else None
+            ids[i] = str(raw) if raw is not None and not _is_nan(raw) else derived_id(batch["path"][i], batch["row_hash"][i])
+        status = np.full(n, "ok", dtype=object)
+        errors = np.full(n, "", dtype=object)
+        seed_matrix = np.zeros((n, self.candidates), dtype=np.int64)
+        clean_prompts = np.empty(n, dtype=object)
+        for i, value in enumerate(prompts):
+            value = value.item() if isinstance(value, np.generic) else value
+            reason = validate_prompt(value)
+            clean_prompts[i] = value if isinstance(value, str) else ("" if value is None else str(value))
+            base = self._base_seed(batch, i, ids[i])
+            if isinstance(base, str):
+                reason = reason or base
+                base = 0
+            seed_matrix[i] = seeds.candidate_seeds(base, self.candidates)
+            if reason:
+                status[i], errors[i] = "error", reason
+        keep = np.ones(n, dtype=bool)
+        if self.done_ids:
+            keep = np.array([row_id not in self.done_ids for row_id in ids], dtype=bool)
+        return {
+            "id": ids[keep], "prompt": clean_prompts[keep], "status": status[keep], "error": errors[keep],
+            "truncated": np.zeros(int(keep.sum()), dtype=bool), "seeds": seed_matrix[keep],
+        }
+
+    def _base_seed(self, batch, i: int, row_id: str) -> int | str:
+        if self.has_seed:
+            raw = batch[self.spec.seed_column][i]
+            if raw is not None and not _is_nan(raw):
+                value = int(raw)
+                if not 0 <= value < seeds.SEED_LIMIT:
+                    return f"seed {value} is out of range; expected 0 <= seed < 2^63"
+                return value
+        return seeds.derived_base_seed(self.run_seed, row_id)
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and value != value
+
+
+def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: float | None = None):
+    """A streaming Ray Dataset of pipeline rows; rows whose id is in done_ids are dropped."""
+    import ray.data
+
+    fs, _ = storage.filesystem(info.url, config.storage_options)
+    columns = [config.input.prompt_column]
+    if info.has_id:
+        columns.append(config.input.id_column)
+    if info.has_seed:
+        columns.append(config.input.seed_column)
+    dataset = ray.data.read_parquet(
+        info.files, filesystem=storage.pyarrow_filesystem(fs), columns=columns, include_paths=True,
+        include_row_hash=True, num_cpus=num_cpus, partitioning=None,
+    )
+    # A callable instance (not a class) runs as tasks, fused with the read.
+    return dataset.map_batches(RowPreparer(config, info, done_ids), batch_format="numpy", num_cpus=num_cpus)

@@ -1,0 +1,141 @@
+"""One generation run: preflight, plan, the streaming Ray Data pipeline, and the summary written last."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+
+from pipeline import checkpoints, reader
+from pipeline.config import Config, redacted
+from pipeline.output import SUCCESS_FILE, OutputDir
+from pipeline.plan import Placement, StageSpec, plan_placements, stage_specs, task_cpus
+from pipeline.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec", "s3fs", "unclip-ray")
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    already_done: bool = False
+
+
+def preflight(config: Config) -> reader.InputInfo:
+    """Every run-level check that needs no GPU: model layouts, input files and columns. Raises one-line errors."""
+    models = config.models
+    for key in ("unclip", "upsampler_1024", "clip"):
+        source = getattr(models, key)
+        if source is not None:
+            checkpoints.validate(source, key, config.storage_options, models.allow_pickle)
+    return reader.preflight(config)
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or the one this process already has), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
+             logging_level=logging.WARNING)
+
+
+def cluster_resources() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
+
+
+def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec],
+                  placements: dict[str, Placement], done_ids: set[str], io_cpus: float):
+    """Read -> one actor pool per stage -> shard writer, as one streaming Ray Dataset."""
+    import ray.data
+    from actors.base import StageContext
+
+    dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus)
+    for stage in stages:
+        placement = placements[stage.name]
+        context = StageContext(config=config, use_gpu=placement.num_gpus > 0, num_threads=placement.threads,
+                               final_image=stage.final_image, options=stage.options)
+        dataset = dataset.map_batches(
+            stage.actor_class(), fn_constructor_kwargs={"context": context}, batch_size=placement.batch_rows,
+            batch_format="numpy", zero_copy_batch=False,
+            compute=ray.data.ActorPoolStrategy(size=placement.replicas),
+            num_gpus=placement.num_gpus or None, num_cpus=placement.num_cpus,
+        )
+    return dataset.map_batches(ShardWriter(config), batch_size=config.output.shard_size, batch_format="numpy",
+                               num_cpus=io_cpus)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def generate(config: Config, *, progress=None) -> RunResult:
+    """Run the whole job; returns the summary that was written last under the output path."""
+    started = time.time()
+    info = preflight(config)
+    output = OutputDir(config)
+    state = output.prepare()
+    if state.finished is not None:
+        return RunResult(summary=state.finished, already_done=True)
+
+    connect_ray()
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    context.execution_options.preserve_order = False
+    cpus, gpus = cluster_resources()
+    stages = stage_specs(config)
+    placements = plan_placements(config, stages, cpus, gpus)
+    dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(cpus))
+
+    new_rows = new_images = 0
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        new_rows += int(batch["rows"].sum())
+        new_images += int(batch["images"].sum())
+        if progress is not None:
+            progress(new_rows, info.rows - len(state.done_ids))
+
+    table = output.metadata(columns=["id", "status", "image_key"])
+    statuses = table.column("status").to_pylist() if table is not None else []
+    row_status: dict[str, str] = {}
+    for row_id, status in zip(table.column("id").to_pylist() if table is not None else [], statuses):
+        row_status[row_id] = status
+    images = sum(1 for key in (table.column("image_key").to_pylist() if table is not None else []) if key)
+    wall = time.time() - started
+    summary = {
+        "status": "complete",
+        "output": config.output.path,
+        "counts": {
+            "input_rows": info.rows,
+            "ok": sum(1 for s in row_status.values() if s == "ok"),
+            "error": sum(1 for s in row_status.values() if s != "ok"),
+            "skipped": len(state.done_ids),
+            "images": images,
+            "generated_this_attempt": new_rows,
+        },
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(new_images / wall, 4) if wall > 0 else None,
+        "stages": [{"name": s.name, "images_per_row": s.images_per_row, **vars(placements[s.name])} for s in stages],
+        "cluster": {"cpus": cpus, "gpus": gpus},
+        "models": {k: v for k, v in redacted(config)["models"].items()},
+        "config": redacted(config),
+        "versions": package_versions(),
+    }
+    output.write_json(SUCCESS_FILE, summary)
+    return RunResult(summary=summary)

@@ -1,0 +1,57 @@
+"""Seed derivation and the per-candidate generator state that travels with a row (SPEC 4).
+
+Derivation (stable; users script against it):
+- a row's base seed is its `seed` column value when present (0 <= seed < 2^63); otherwise
+  blake2b-64("{run seed}:{row id}") masked to 63 bits;
+- candidate j of a row gets seed (base + j) mod 2^63, so candidate 0 of a row with seed s is exactly
+  `UnCLIPPipeline(..., generator=torch.Generator(device).manual_seed(s))`;
+- with `prior.best_of` m > 1, prior sample 0 of a candidate uses the candidate's own generator and
+  samples i = 1..m-1 use blake2b-64("{candidate seed}:best_of:{i}"); the decoder and upsamplers always
+  continue the candidate's own generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+SEED_LIMIT = 2**63
+
+
+def _hash63(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") % SEED_LIMIT
+
+
+def derived_base_seed(run_seed: int, row_id: str) -> int:
+    """Base seed of a row without a seed column."""
+    return _hash63(f"{run_seed}:{row_id}")
+
+
+def candidate_seeds(base_seed: int, candidates: int) -> np.ndarray:
+    return np.array([(base_seed + j) % SEED_LIMIT for j in range(candidates)], dtype=np.int64)
+
+
+def best_of_seed(candidate_seed: int, sample: int) -> int:
+    return candidate_seed if sample == 0 else _hash63(f"{candidate_seed}:best_of:{sample}")
+
+
+def new_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def generator_state(generator: torch.Generator) -> np.ndarray:
+    """The generator's full state as bytes (CPU: mt19937, 5056 bytes; CUDA: philox seed + offset)."""
+    return generator.get_state().numpy().copy()
+
+
+def restore_generator(state: np.ndarray, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    expected = generator.get_state().numel()
+    if state.size != expected:
+        raise RuntimeError(
+            f"generator state of {state.size} bytes cannot continue on a {device.type} generator "
+            f"({expected} bytes): every stage of a run must use the same device type (all GPU or all CPU)")
+    generator.set_state(torch.from_numpy(np.ascontiguousarray(state, dtype=np.uint8)))
+    return generator

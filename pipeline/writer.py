@@ -1,0 +1,180 @@
+"""Output writers: one sink interface for every image format, and the shard writer whose metadata part commits it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from abc import ABC, abstractmethod
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import Config
+
+IMAGES_DIR = "images"
+SHARDS_DIR = "shards"
+METADATA_DIR = "metadata"
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+KEY_LIMIT = 80
+UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+METADATA_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("candidate", pa.int32()),
+    ("rank", pa.int32()), ("clip_score", pa.float32()), ("candidate_scores", pa.list_(pa.float32())),
+    ("image_key", pa.string()), ("shard", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("status", pa.string()), ("error", pa.string()), ("truncated", pa.bool_()),
+])
+
+
+def safe_key(row_id: str) -> str:
+    """An object-key-safe, unique stem for an untrusted id: [A-Za-z0-9_-] only, bounded, no dots or slashes.
+
+    Ids that needed changing get a hash of the original appended, so distinct ids never collide.
+    """
+    cleaned = UNSAFE.sub("_", row_id)[:KEY_LIMIT]
+    if cleaned == row_id and cleaned:
+        return cleaned
+    digest = hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def shard_name(ids) -> str:
+    # Named by its rows: a retried write of the same rows replaces the same objects instead of adding new ones.
+    digest = hashlib.blake2b(digest_size=10)
+    for row_id in sorted(str(i) for i in ids):
+        digest.update(row_id.encode("utf-8", "surrogatepass") + b"\0")
+    return f"part-{digest.hexdigest()}"
+
+
+def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if image_format == "png":
+        image.save(buffer, format="PNG")
+    elif image_format == "webp":
+        image.save(buffer, format="WEBP", quality=quality)
+    else:
+        image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+class ImageSink(ABC):
+    """Where a shard's images go. `add` stages one image; `commit` makes the shard's images visible."""
+
+    def __init__(self, fs, root: str, shard: str, image_format: str, quality: int):
+        self.fs, self.root, self.shard = fs, root, shard
+        self.image_format, self.quality = image_format, quality
+        self.extension = EXTENSIONS[image_format]
+
+    @abstractmethod
+    def add(self, key: str, pixels: np.ndarray, meta: dict) -> str:
+        """Stage one image; returns its image_key as recorded in the metadata."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make every added image durable and visible; called once, before the metadata part."""
+
+    @staticmethod
+    def cleanup(fs, root: str, committed_shards: set[str]) -> int:
+        """Remove objects of shards that were never committed; returns how many were removed."""
+        return 0
+
+
+class FileSink(ImageSink):
+    """One object per image: images/<key>.<ext>, each written atomically."""
+
+    def add(self, key, pixels, meta):
+        image_key = f"{IMAGES_DIR}/{key}.{self.extension}"
+        storage.atomic_write(self.fs, storage.join(self.root, image_key),
+                             encode_image(pixels, self.image_format, self.quality))
+        return image_key
+
+    def commit(self):
+        pass  # each image was committed by its own atomic write
+
+
+class WebDatasetSink(ImageSink):
+    """Tar shards of <key>.<ext> + <key>.json, as webdataset readers expect; the tar is written atomically."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import webdataset
+
+        self.buffer = io.BytesIO()
+        self.tar = webdataset.TarWriter(self.buffer, encoder=False, mtime=0.0)
+
+    def add(self, key, pixels, meta):
+        self.tar.write({"__key__": key, self.extension: encode_image(pixels, self.image_format, self.quality),
+                        "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+        return key
+
+    def commit(self):
+        self.tar.close()
+        storage.atomic_write(self.fs, storage.join(self.root, SHARDS_DIR, f"{self.shard}.tar"), self.buffer.getvalue())
+
+    @staticmethod
+    def cleanup(fs, root, committed_shards):
+        removed = 0
+        for path in storage.listdir(fs, storage.join(root, SHARDS_DIR)):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".tar") and name[: -len(".tar")] not in committed_shards:
+                fs.rm(path)
+                removed += 1
+        return removed
+
+
+SINKS: dict[str, type[ImageSink]] = {"files": FileSink, "webdataset": WebDatasetSink}
+
+
+def _rows_of(batch: dict[str, np.ndarray], i: int, shard: str, sink: ImageSink | None) -> list[dict]:
+    base = {"id": str(batch["id"][i]), "prompt": str(batch["prompt"][i]), "shard": shard,
+            "status": str(batch["status"][i]), "error": str(batch["error"][i]) or None,
+            "truncated": bool(batch["truncated"][i])}
+    seeds = np.asarray(batch["seeds"][i])
+    if base["status"] != "ok":
+        return [{**base, "seed": int(seeds[0]) if len(seeds) else None}]
+    kept = np.asarray(batch["candidate"][i]) if "candidate" in batch else np.arange(len(seeds))
+    scores = np.asarray(batch["clip_score"][i]) if "clip_score" in batch else None
+    all_scores = ([float(s) for s in np.asarray(batch["candidate_scores"][i])]
+                  if "candidate_scores" in batch else None)
+    images = np.asarray(batch["image"][i])
+    rows = []
+    for rank, candidate in enumerate(kept):
+        pixels = images[rank]
+        row = {**base, "seed": int(seeds[rank]), "candidate": int(candidate), "rank": rank,
+               "clip_score": float(scores[rank]) if scores is not None else None, "candidate_scores": all_scores,
+               "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
+        key = f"{safe_key(base['id'])}_{int(candidate)}"
+        meta = {k: v for k, v in row.items() if k not in ("shard", "status", "error")}
+        row["image_key"] = sink.add(key, pixels, meta)
+        rows.append(row)
+    return rows
+
+
+class ShardWriter:
+    """Writes one shard per batch: images through the format's sink, then the metadata part that commits them."""
+
+    def __init__(self, config: Config):
+        self.output = config.output
+        self.storage_options = config.storage_options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fs, root = storage.filesystem(self.output.path, self.storage_options)
+        shard = shard_name(batch["id"])
+        sink = SINKS[self.output.format](fs, root, shard, self.output.image_format, self.output.quality)
+        rows = [row for i in range(len(batch["id"])) for row in _rows_of(batch, i, shard, sink)]
+        sink.commit()
+        table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        # Written last: its presence is what makes the shard's rows count as done.
+        storage.atomic_write(fs, storage.join(root, METADATA_DIR, f"{shard}.parquet"), buffer.getvalue())
+        statuses = np.asarray(batch["status"]).astype(object)
+        return {"shard": np.array([shard], dtype=object), "rows": np.array([len(statuses)]),
+                "ok": np.array([int((statuses == "ok").sum())]), "error": np.array([int((statuses != "ok").sum())]),
+                "images": np.array([sum(1 for r in rows if r.get("image_key"))])}
