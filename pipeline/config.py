@@ -352,6 +352,14 @@ def _unknown_key(dotted: str) -> ConfigError:
     return ConfigError(f"unknown config key '{dotted}'{hint}")
 
 
+def _leaf_key(dotted: str, value: Any) -> str:
+    # Report the key as the user wrote it: 'stages.priors.steps', not just 'stages.priors'.
+    while isinstance(value, dict) and len(value) == 1:
+        key, value = next(iter(value.items()))
+        dotted = f"{dotted}.{key}"
+    return dotted
+
+
 def _build(cls: type, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
@@ -359,7 +367,7 @@ def _build(cls: type, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in types:
-            raise _unknown_key(f"{prefix}{key}")
+            raise _unknown_key(_leaf_key(f"{prefix}{key}", value))
         tp = types[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")

@@ -120,7 +120,20 @@ def _share_gpus(settings: dict, costs: dict[str, float], gpus: int) -> tuple[dic
     auto = {n: s for n, s in settings.items() if n not in fixed}
     total_cost = sum(costs[n] for n in auto) or 1.0
     free = gpus - reserved
-    share_gpus, share_replicas = {n: float(s.num_gpus) for n, s in fixed.items()}, {n: s.replicas for n, s in fixed.items()}
+    # Fractional actors cannot span GPUs, so ideal shares may not pack; shrink them until they do.
+    scale = 1.0
+    for _ in range(60):
+        share_gpus, share_replicas = _auto_shares(auto, costs, total_cost, free * scale)
+        share_gpus.update({n: float(s.num_gpus) for n, s in fixed.items()})
+        share_replicas.update({n: s.replicas for n, s in fixed.items()})
+        if _packs(share_gpus, share_replicas, gpus):
+            return share_gpus, share_replicas
+        scale *= 0.97
+    raise ConfigError(_packing_message(share_gpus, share_replicas, gpus))
+
+
+def _auto_shares(auto: dict, costs: dict[str, float], total_cost: float, free: float):
+    share_gpus, share_replicas = {}, {}
     for name, s in auto.items():
         share = free * costs[name] / total_cost
         if s.replicas == "auto" and s.num_gpus == "auto":
@@ -134,19 +147,18 @@ def _share_gpus(settings: dict, costs: dict[str, float], gpus: int) -> tuple[dic
             fraction = min(1.0, share / count)
         share_replicas[name] = count
         share_gpus[name] = max(GPU_GRANULARITY, math.floor(fraction / GPU_GRANULARITY) * GPU_GRANULARITY)
-    _check_packing(share_gpus, share_replicas, gpus)
     return share_gpus, share_replicas
 
 
-def _check_packing(fractions: dict[str, float], replicas: dict[str, int], gpus: int) -> None:
-    """First-fit decreasing: a fractional actor must fit on one GPU, as Ray places it."""
+def _packs(fractions: dict[str, float], replicas: dict[str, int], gpus: int) -> bool:
+    """First-fit decreasing, as Ray places them: whole-GPU actors take whole GPUs, a fraction fits on one GPU."""
     bins = [1.0] * gpus
     for size in sorted((f for n, f in fractions.items() for _ in range(replicas[n])), reverse=True):
         if size >= 1:
             need = math.ceil(size - 1e-9)
             free = [i for i, b in enumerate(bins) if b >= 1 - 1e-9][:need]
             if len(free) < need:
-                raise ConfigError(_packing_message(fractions, replicas, gpus))
+                return False
             for i in free:
                 bins[i] = 0.0
             continue
@@ -155,7 +167,8 @@ def _check_packing(fractions: dict[str, float], replicas: dict[str, int], gpus: 
                 bins[i] -= size
                 break
         else:
-            raise ConfigError(_packing_message(fractions, replicas, gpus))
+            return False
+    return True
 
 
 def _packing_message(fractions, replicas, gpus) -> str:

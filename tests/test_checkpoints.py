@@ -1,0 +1,99 @@
+"""Checkpoint sources: real from_pretrained loading, clear errors for broken layouts, pickle opt-in, node cache."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import fsspec
+import pytest
+import torch
+
+from pipeline import checkpoints
+from pipeline.checkpoints import CheckpointError
+
+
+def test_tiny_checkpoints_load_with_their_own_classes(tiny_models):
+    from diffusers import PriorTransformer, UnCLIPScheduler
+    from transformers import CLIPModel
+
+    prior = checkpoints.load(tiny_models["unclip"], "unclip", "prior")
+    assert isinstance(prior, PriorTransformer)
+    assert torch.all(prior.clip_std == 1), "a random prior needs clip_std = 1 or its embeddings collapse"
+    assert isinstance(checkpoints.load(tiny_models["unclip"], "unclip", "decoder_scheduler"), UnCLIPScheduler)
+    assert type(checkpoints.load(tiny_models["upsampler_1024"], "upsampler_1024", "scheduler")).__name__ == "DDIMScheduler"
+    assert isinstance(checkpoints.load(tiny_models["clip"], "clip", "model"), CLIPModel)
+    for layout in ("unclip", "upsampler_1024", "clip"):
+        checkpoints.validate(tiny_models[layout], layout)
+
+
+@pytest.fixture
+def broken(tiny_models, tmp_path):
+    target = tmp_path / "karlo"
+    shutil.copytree(tiny_models["unclip"], target)
+    return target
+
+
+def test_missing_weights_name_path_and_part(broken):
+    (broken / "decoder" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"karlo/decoder .*missing diffusion_pytorch_model.safetensors"):
+        checkpoints.validate(str(broken), "unclip")
+
+
+def test_missing_folder_and_malformed_config(broken):
+    shutil.rmtree(broken / "super_res_last")
+    with pytest.raises(CheckpointError, match=r"folder super_res_last/ is missing"):
+        checkpoints.validate(str(broken), "unclip")
+    shutil.copytree(broken / "super_res_first", broken / "super_res_last")
+    (broken / "prior" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"karlo/prior .*config.json is not valid JSON"):
+        checkpoints.validate(str(broken), "unclip")
+
+
+def test_nonexistent_source(tmp_path):
+    with pytest.raises(CheckpointError, match=r"does-not-exist does not exist"):
+        checkpoints.validate(str(tmp_path / "does-not-exist"), "unclip")
+
+
+def test_pickle_weights_need_explicit_opt_in(broken):
+    from safetensors.torch import load_file
+
+    weights = broken / "prior" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), broken / "prior" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"only pickle weights .*models.allow_pickle=true"):
+        checkpoints.validate(str(broken), "unclip")
+    checkpoints.validate(str(broken), "unclip", allow_pickle=True)
+    prior = checkpoints.load(str(broken), "unclip", "prior", allow_pickle=True)
+    assert torch.all(prior.clip_std == 1)
+
+
+def test_remote_source_is_copied_once_per_node_under_concurrency(tiny_models, monkeypatch, tmp_path):
+    memory = fsspec.filesystem("memory")
+    memory.put(tiny_models["clip"], "/ckpt/clip", recursive=True)
+    monkeypatch.setenv("UNCLIP_RAY_CACHE", str(tmp_path / "cache"))
+    downloads = []
+    original = type(memory).get_file
+
+    def counting_get_file(self, *args, **kwargs):
+        downloads.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(memory), "get_file", counting_get_file)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(checkpoints.local_dir("memory://ckpt/clip", "clip")))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1 and len(results) == 4
+    assert len(downloads) == len(set(downloads)), "each file is fetched once"
+    assert checkpoints.load(results[0], "clip", "model") is not None
+    leftovers = [p.name for p in (tmp_path / "cache" / "models").iterdir() if "partial" in p.name]
+    assert leftovers == []
+
+
+def test_unknown_builtin():
+    with pytest.raises(CheckpointError, match="unknown built-in checkpoint tiny://huge"):
+        checkpoints.validate("tiny://huge", "unclip")

@@ -1,0 +1,110 @@
+"""Config: defaults, YAML + --set precedence, scalar parsing, unknown keys, validation, presets, redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, redacted, valid_keys
+
+
+def load(*overrides, **kwargs):
+    kwargs.setdefault("input_path", "in.parquet")
+    kwargs.setdefault("output_path", "out")
+    return load_config(kwargs.pop("path", None), list(overrides), **kwargs)
+
+
+def test_defaults_follow_the_karlo_anchors():
+    config = load("models.unclip=/ckpt/karlo")
+    assert (config.stages.prior.steps, config.stages.prior.guidance_scale) == (25, 4.0)
+    assert (config.stages.decoder.steps, config.stages.decoder.guidance_scale) == (25, 8.0)
+    assert config.stages.upsampler_256.steps == 7
+    assert config.rerank.candidates == config.rerank.keep == 1
+    assert config.output.format == "files" and config.output.image_format == "png"
+
+
+def test_yaml_then_set_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("models:\n  unclip: /a\nstages:\n  decoder:\n    steps: 50\n    batch_size: 2\n"
+                    "input:\n  path: from-yaml.parquet\nseed: 3\n")
+    config = load("stages.decoder.steps=10", "models.upsampler_1024=null", "stages.prior.num_gpus=0.5",
+                  "dtype=fp16", path=str(path), input_path="flag.parquet")
+    assert config.stages.decoder.steps == 10 and config.stages.decoder.batch_size == 2
+    assert config.models.upsampler_1024 is None
+    assert config.stages.prior.num_gpus == 0.5 and config.dtype == "fp16" and config.seed == 3
+    assert config.input.path == "flag.parquet"
+
+
+def test_set_values_are_yaml_scalars():
+    config = load("models.unclip=/a", "stages.prior.guidance_scale=4", "stages.prior.replicas=auto",
+                  "models.allow_pickle=true", "stages.decoder.num_gpus=1")
+    assert config.stages.prior.guidance_scale == 4.0 and isinstance(config.stages.prior.guidance_scale, float)
+    assert config.stages.prior.replicas == "auto" and config.models.allow_pickle is True
+    assert config.stages.decoder.num_gpus == 1.0
+
+
+@pytest.mark.parametrize("key,hint", [
+    ("stages.decoder.step", "stages.decoder.steps"),
+    ("rerank.candidate", "rerank.candidates"),
+    ("stages.priors.steps", "stages.prior.steps"),
+    ("output.fromat", "output.format"),
+])
+def test_unknown_keys_name_the_nearest_valid_key(key, hint):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'; did you mean '{hint}'"):
+        load("models.unclip=/a", f"{key}=1")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stages.decoder.steps=0", "stages.decoder.steps must be an integer >= 1"),
+    ("stages.prior.batch_size=-2", "stages.prior.batch_size must be an integer >= 1"),
+    ("stages.decoder.dtype=fp8", "stages.decoder.dtype must be one of"),
+    ("rerank.keep=3", "rerank.keep must be an integer between 1 and rerank.candidates"),
+    ("rerank.at=prior", "rerank.at must be one of decoder, upsampler_256"),
+    ("output.format=zip", "output.format must be one of files, webdataset"),
+    ("stages.upsampler_256.replicas=many", "stages.upsampler_256.replicas must be 'auto' or an integer"),
+    ("seed=-1", "seed must be an integer"),
+])
+def test_bad_values_give_one_clear_line(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load("models.unclip=/a", override)
+    assert "\n" not in str(info.value)
+
+
+def test_required_keys_and_rerank_needs_clip():
+    with pytest.raises(ConfigError, match="models.unclip is required"):
+        load()
+    with pytest.raises(ConfigError, match="input.path is required"):
+        load("models.unclip=/a", input_path=None)
+    with pytest.raises(ConfigError, match="needs models.clip"):
+        load("models.unclip=/a", "rerank.candidates=4")
+
+
+def test_guidance_only_where_a_stage_has_it():
+    with pytest.raises(ConfigError, match="unknown config key 'stages.upsampler_256.guidance_scale'"):
+        load("models.unclip=/a", "stages.upsampler_256.guidance_scale=2")
+
+
+def test_tiny_preset_fills_models_unless_set():
+    config = load(preset="tiny")
+    assert config.models.unclip == "tiny://unclip" and config.models.clip == "tiny://clip"
+    assert load("models.upsampler_1024=null", preset="tiny").models.upsampler_1024 is None
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load(preset="huge")
+
+
+def test_storage_credentials_are_redacted():
+    config = load("models.unclip=/a", "storage_options.key=AKIA123", "storage_options.secret=hunter2",
+                  "storage_options.endpoint_url=http://127.0.0.1:9000")
+    shown = redacted(config)["storage_options"]
+    assert shown == {"key": "***", "secret": "***", "endpoint_url": "http://127.0.0.1:9000"}
+    assert "hunter2" not in str(redacted(config))
+
+
+def test_every_documented_key_exists():
+    keys = set(valid_keys())
+    for key in ("models.unclip", "models.upsampler_1024", "models.clip", "rerank.candidates", "rerank.keep",
+                "rerank.at", "prior.best_of", "input.prompt_column", "output.format", "output.image_format",
+                "seed", "dtype"):
+        assert key in keys
+    for stage in ("text_encoder", "prior", "decoder", "upsampler_256", "upsampler_1024", "reranker"):
+        for setting in ("batch_size", "num_gpus", "replicas", "dtype"):
+            assert f"stages.{stage}.{setting}" in keys

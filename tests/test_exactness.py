@@ -1,0 +1,110 @@
+"""SPEC 4: every image equals diffusers' UnCLIPPipeline (+ StableDiffusionUpscalePipeline) for its recorded seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.base import StageContext
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.plan import stage_specs
+from tests.conftest import FAST_STEPS, model_overrides, psnr, within_tolerance, write_prompts
+from tests.reference import Reference
+
+PROMPTS = ["a red fox in a snowy forest", "an astronaut riding a horse on the moon", "a bowl of ramen",
+           "a lighthouse in a storm, oil painting", "a corgi wearing sunglasses"]
+REFERENCE_STEPS = dict(prior_steps=4, decoder_steps=4, super_res_steps=3)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    return Reference(tiny_models["unclip"], tiny_models["upsampler_1024"])
+
+
+def run_in_process(config, prompts, seeds):
+    """Call each stage actor directly, in order, on one batch: the pure path without Ray."""
+    n = len(prompts)
+    batch = {"id": np.array([f"row{i}" for i in range(n)], dtype=object), "prompt": np.array(prompts, dtype=object),
+             "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object),
+             "truncated": np.zeros(n, dtype=bool), "seeds": np.array(seeds, dtype=np.int64).reshape(n, -1)}
+    for spec in stage_specs(config):
+        actor = spec.actor_class()(StageContext(config=config, final_image=spec.final_image, options=spec.options))
+        batch = actor(batch)
+    return batch
+
+
+def test_in_process_stages_equal_reference_at_256_and_1024(tiny_models, reference):
+    seeds = [11, 2024, 7]
+    prompts = PROMPTS[:3]
+    config_256 = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
+                             + ["stages.prior.batch_size=2"], input_path="unused", output_path="unused")
+    images = run_in_process(config_256, prompts, seeds)["image"]
+    config_1024 = load_config(None, FAST_STEPS + model_overrides(tiny_models, clip=False),
+                              input_path="unused", output_path="unused")
+    upscaled = run_in_process(config_1024, prompts, seeds)["image"]
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        expected = reference.image(prompt, seed, **REFERENCE_STEPS)
+        assert images[i, 0].shape == expected.shape == (64, 64, 3)
+        assert within_tolerance(images[i, 0], expected), f"256 stage, prompt {i}: {psnr(images[i, 0], expected):.1f} dB"
+        expected_1024 = reference.image(prompt, seed, **REFERENCE_STEPS, upscale_steps=3)
+        assert upscaled[i, 0].shape == expected_1024.shape == (256, 256, 3)
+        assert within_tolerance(upscaled[i, 0], expected_1024), \
+            f"1024 stage, prompt {i}: {psnr(upscaled[i, 0], expected_1024):.1f} dB"
+
+
+@pytest.mark.parametrize("wrong", ["seed", "prior_guidance", "decoder_guidance", "skipped_decoder_step"])
+def test_the_comparison_detects_a_wrong_setting(tiny_models, reference, wrong):
+    config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False),
+                         input_path="unused", output_path="unused")
+    ours = run_in_process(config, [PROMPTS[0]], [5])["image"][0, 0]
+    settings = dict(REFERENCE_STEPS)
+    seed = 5
+    if wrong == "seed":
+        seed = 6
+    elif wrong == "prior_guidance":
+        settings["prior_guidance"] = 3.0
+    elif wrong == "decoder_guidance":
+        settings["decoder_guidance"] = 6.0
+    else:
+        settings["decoder_steps"] = 3
+    other = reference.image(PROMPTS[0], seed, **settings)
+    assert not within_tolerance(ours, other)
+    assert psnr(ours, other) < 30
+
+
+def read_outputs(output: str) -> dict[str, tuple[str, int, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(storage.join(output, "metadata")).to_pylist()
+    images = {}
+    for row in table:
+        assert row["status"] == "ok", row
+        with Image.open(storage.join(output, row["image_key"])) as img:
+            images[row["id"]] = (row["prompt"], row["seed"], np.asarray(img.convert("RGB")))
+    return images
+
+
+def test_ray_runs_equal_reference_whatever_the_batching_and_replicas(tiny_models, reference, ray_session, tmp_path):
+    from pipeline.run import generate
+
+    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS, id=[f"p{i}" for i in range(len(PROMPTS))])
+    base = FAST_STEPS + model_overrides(tiny_models)
+    small = ["stages.text_encoder.batch_size=1", "stages.prior.batch_size=1", "stages.decoder.batch_size=1",
+             "stages.upsampler_256.batch_size=1", "stages.upsampler_1024.batch_size=1"]
+    large = ["stages.prior.batch_size=4", "stages.decoder.batch_size=3", "stages.decoder.replicas=2",
+             "stages.upsampler_256.batch_size=2", "stages.upsampler_256.replicas=2",
+             "stages.upsampler_1024.batch_size=2", "output.shard_size=2"]
+    runs = {}
+    for name, extra in (("small", small), ("large", large)):
+        output = str(tmp_path / name)
+        generate(load_config(None, base + extra, input_path=prompts, output_path=output))
+        runs[name] = read_outputs(output)
+    assert set(runs["small"]) == set(runs["large"]) == {f"p{i}" for i in range(len(PROMPTS))}
+    for row_id, (prompt, seed, image) in runs["small"].items():
+        other = runs["large"][row_id][2]
+        assert runs["large"][row_id][1] == seed
+        assert within_tolerance(image, other), f"{row_id}: batching changed the image ({psnr(image, other):.1f} dB)"
+        expected = reference.image(prompt, seed, **REFERENCE_STEPS, upscale_steps=3)
+        assert within_tolerance(image, expected), f"{row_id}: {psnr(image, expected):.1f} dB vs UnCLIPPipeline"
