@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -11,6 +12,7 @@ import torch
 
 from pipeline import checkpoints, seeds
 from pipeline.config import Config
+from pipeline.writer import IMAGES_PREFIX, SECONDS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +116,15 @@ class StageActor:
         out = {k: v for k, v in batch.items() if k not in self.drops}
         candidates = self._candidates(batch)
         computed, failures = ({}, {})
+        started = time.perf_counter()
         if len(ok):
             computed, failures = self._process({k: batch[k][ok] for k in self.row_inputs + self.candidate_inputs
                                                 if k in batch}, candidates)
+        busy = time.perf_counter() - started
+        images = np.zeros(rows, dtype=np.int64)
+        images[ok] = candidates
+        out[IMAGES_PREFIX + self.name] = images
+        out[SECONDS_PREFIX + self.name] = busy * images / max(1, int(images.sum()))
         for column, (shape, dtype) in self.output_spec.items():
             lead = (rows,) if self.per_row else (rows, candidates)
             full = np.zeros(lead + shape, dtype=dtype)

@@ -190,7 +190,8 @@ def _is_nan(value) -> bool:
     return isinstance(value, float) and value != value
 
 
-def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: float | None = None):
+def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: float | None = None,
+                 runtime_env: dict | None = None):
     """A streaming Ray Dataset of pipeline rows; rows whose id is in done_ids are dropped."""
     import ray.data
 
@@ -202,7 +203,8 @@ def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: fl
         columns.append(config.input.seed_column)
     dataset = ray.data.read_parquet(
         info.files, filesystem=storage.pyarrow_filesystem(fs), columns=columns, include_paths=True,
-        include_row_hash=True, num_cpus=num_cpus, partitioning=None,
+        include_row_hash=True, num_cpus=num_cpus, partitioning=None, runtime_env=runtime_env,
     )
     # A callable instance (not a class) runs as tasks, fused with the read.
-    return dataset.map_batches(RowPreparer(config, info, done_ids), batch_format="numpy", num_cpus=num_cpus)
+    return dataset.map_batches(RowPreparer(config, info, done_ids), batch_format="numpy", num_cpus=num_cpus,
+                               runtime_env=runtime_env)

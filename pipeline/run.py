@@ -9,11 +9,13 @@ import time
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
-from pipeline import checkpoints, reader
+import numpy as np
+
+from pipeline import checkpoints, reader, storage
 from pipeline.config import Config, redacted
 from pipeline.output import SUCCESS_FILE, OutputDir
 from pipeline.plan import Placement, StageSpec, plan_placements, stage_specs, task_cpus
-from pipeline.writer import ShardWriter
+from pipeline.writer import IMAGES_PREFIX, SECONDS_PREFIX, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +61,22 @@ def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec
     import ray.data
     from actors.base import StageContext
 
-    dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus)
+    runtime_env = {"env_vars": storage.forwarded_env()}
+    dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus, runtime_env=runtime_env)
     for stage in stages:
         placement = placements[stage.name]
+        # One stage batch per block: each task is one batch, so every replica gets work and stages overlap.
+        dataset = dataset.repartition(target_num_rows_per_block=placement.batch_rows)
         context = StageContext(config=config, use_gpu=placement.num_gpus > 0, num_threads=placement.threads,
                                final_image=stage.final_image, options=stage.options)
         dataset = dataset.map_batches(
             stage.actor_class(), fn_constructor_kwargs={"context": context}, batch_size=placement.batch_rows,
             batch_format="numpy", zero_copy_batch=False,
             compute=ray.data.ActorPoolStrategy(size=placement.replicas),
-            num_gpus=placement.num_gpus or None, num_cpus=placement.num_cpus,
+            num_gpus=placement.num_gpus or None, num_cpus=placement.num_cpus, runtime_env=runtime_env,
         )
     return dataset.map_batches(ShardWriter(config), batch_size=config.output.shard_size, batch_format="numpy",
-                               num_cpus=io_cpus)
+                               num_cpus=io_cpus, runtime_env=runtime_env)
 
 
 def package_versions() -> dict[str, str]:
@@ -105,9 +110,13 @@ def generate(config: Config, *, progress=None) -> RunResult:
     dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(cpus))
 
     new_rows = new_images = 0
+    stage_work: dict[str, float] = {}
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         new_rows += int(batch["rows"].sum())
         new_images += int(batch["images"].sum())
+        for column, values in batch.items():
+            if column.startswith((IMAGES_PREFIX, SECONDS_PREFIX)):
+                stage_work[column] = stage_work.get(column, 0) + float(np.asarray(values).sum())
         if progress is not None:
             progress(new_rows, info.rows - len(state.done_ids))
 
@@ -131,7 +140,9 @@ def generate(config: Config, *, progress=None) -> RunResult:
         },
         "wall_time_s": round(wall, 3),
         "images_per_s": round(new_images / wall, 4) if wall > 0 else None,
-        "stages": [{"name": s.name, "images_per_row": s.images_per_row, **vars(placements[s.name])} for s in stages],
+        "stages": [{"name": s.name, "images_per_row": s.images_per_row, **vars(placements[s.name]),
+                    "images": int(stage_work.get(IMAGES_PREFIX + s.name, 0)),
+                    "busy_s": round(stage_work.get(SECONDS_PREFIX + s.name, 0.0), 3)} for s in stages],
         "cluster": {"cpus": cpus, "gpus": gpus},
         "models": {k: v for k, v in redacted(config)["models"].items()},
         "config": redacted(config),

@@ -21,6 +21,15 @@ NOT_TRANSIENT: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionE
                                                    NotADirectoryError, FileExistsError)
 
 
+# Non-secret settings that select an S3-compatible endpoint; forwarded to every actor and task, because a
+# variable set where the job starts does not reach processes on other nodes. Credentials are never forwarded.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://") or url.startswith("local://")
 

@@ -16,6 +16,12 @@ from PIL import Image
 from pipeline import storage
 from pipeline.config import Config
 
+IMAGES_PREFIX = "_images_"
+SECONDS_PREFIX = "_seconds_"
+"""Per-row counters each stage adds (images it processed for the row, busy seconds attributed to it); the
+writer sums them per shard, so the run report counts committed work only."""
+STAGE_COUNTER_PREFIXES = (IMAGES_PREFIX, SECONDS_PREFIX)
+
 IMAGES_DIR = "images"
 SHARDS_DIR = "shards"
 METADATA_DIR = "metadata"
@@ -175,6 +181,10 @@ class ShardWriter:
         # Written last: its presence is what makes the shard's rows count as done.
         storage.atomic_write(fs, storage.join(root, METADATA_DIR, f"{shard}.parquet"), buffer.getvalue())
         statuses = np.asarray(batch["status"]).astype(object)
-        return {"shard": np.array([shard], dtype=object), "rows": np.array([len(statuses)]),
-                "ok": np.array([int((statuses == "ok").sum())]), "error": np.array([int((statuses != "ok").sum())]),
-                "images": np.array([sum(1 for r in rows if r.get("image_key"))])}
+        result = {"shard": np.array([shard], dtype=object), "rows": np.array([len(statuses)]),
+                  "ok": np.array([int((statuses == "ok").sum())]), "error": np.array([int((statuses != "ok").sum())]),
+                  "images": np.array([sum(1 for r in rows if r.get("image_key"))])}
+        for column, values in batch.items():
+            if column.startswith(STAGE_COUNTER_PREFIXES):  # per-stage work, summed for the run report
+                result[column] = np.array([np.asarray(values).sum()])
+        return result
