@@ -30,8 +30,9 @@ class InputInfo:
     rows: int
     has_id: bool
     has_seed: bool
-    prompt_is_string: bool
-    columns: list[str] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)
+    """Files grouped by the types of the columns read: each group is read as one schema, then unioned,
+    so a file whose prompt column is not a string yields error rows instead of breaking the read."""
 
 
 def _resolve_files(url: str, storage_options: dict) -> tuple[object, list[str]]:
@@ -68,8 +69,7 @@ def preflight(config: Config) -> InputInfo:
     fs, files = _resolve_files(spec.path, config.storage_options)
     rows = 0
     has_id = has_seed = None
-    prompt_is_string = True
-    columns: list[str] = []
+    groups: dict[tuple, list[str]] = {}
     for path in files:
         try:
             with fs.open(path, "rb") as fh:
@@ -79,12 +79,11 @@ def preflight(config: Config) -> InputInfo:
             raise InputError(f"input file {path} is not a readable Parquet file ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
         names = schema.names
-        columns = columns or names
         if spec.prompt_column not in names:
             raise InputError(f"input file {path} has no column '{spec.prompt_column}' (columns: "
                              f"{', '.join(names) or 'none'}); set input.prompt_column to the prompt column")
-        prompt_is_string &= pa.types.is_string(schema.field(spec.prompt_column).type) or \
-            pa.types.is_large_string(schema.field(spec.prompt_column).type)
+        read = [c for c in (spec.prompt_column, spec.id_column, spec.seed_column) if c in names]
+        groups.setdefault(tuple(str(schema.field(c).type) for c in read), []).append(path)
         file_has_id, file_has_seed = spec.id_column in names, spec.seed_column in names
         if has_id is not None and (file_has_id != has_id or file_has_seed != has_seed):
             raise InputError(f"input file {path} differs from the others in having '{spec.id_column}' or "
@@ -95,7 +94,7 @@ def preflight(config: Config) -> InputInfo:
                              "expected int64 seeds (or rename it and set input.seed_column)")
         rows += count
     info = InputInfo(url=spec.path, files=files, rows=rows, has_id=bool(has_id), has_seed=bool(has_seed),
-                     prompt_is_string=prompt_is_string, columns=columns)
+                     groups=list(groups.values()))
     if info.has_id:
         _check_unique_ids(fs, files, spec.id_column)
     return info
@@ -201,10 +200,14 @@ def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: fl
         columns.append(config.input.id_column)
     if info.has_seed:
         columns.append(config.input.seed_column)
-    dataset = ray.data.read_parquet(
-        info.files, filesystem=storage.pyarrow_filesystem(fs), columns=columns, include_paths=True,
-        include_row_hash=True, num_cpus=num_cpus, partitioning=None, runtime_env=runtime_env,
-    )
-    # A callable instance (not a class) runs as tasks, fused with the read.
-    return dataset.map_batches(RowPreparer(config, info, done_ids), batch_format="numpy", num_cpus=num_cpus,
-                               runtime_env=runtime_env)
+    preparer = RowPreparer(config, info, done_ids)
+    datasets = []
+    for files in info.groups:
+        dataset = ray.data.read_parquet(
+            files, filesystem=storage.pyarrow_filesystem(fs), columns=columns, include_paths=True,
+            include_row_hash=True, num_cpus=num_cpus, partitioning=None, runtime_env=runtime_env,
+        )
+        # A callable instance (not a class) runs as tasks, fused with the read.
+        datasets.append(dataset.map_batches(preparer, batch_format="numpy", num_cpus=num_cpus,
+                                            runtime_env=runtime_env))
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

@@ -37,6 +37,10 @@ def is_local(url: str) -> bool:
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URL or plain path; storage options apply to remote URLs only."""
     options = {} if is_local(url) else dict(storage_options or {})
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and url.split("://", 1)[0] in ("s3", "s3a") and "endpoint_url" not in options:
+        # Explicit, so the filesystem keeps it when pickled into tasks on nodes without the variable.
+        options["endpoint_url"] = endpoint
     return url_to_fs(url, **options)
 
 

@@ -28,6 +28,7 @@ METADATA_DIR = "metadata"
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 KEY_LIMIT = 80
 UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+HASHED_SUFFIX = re.compile(r"-[0-9a-f]{16}$")
 
 METADATA_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("candidate", pa.int32()),
@@ -40,12 +41,13 @@ METADATA_SCHEMA = pa.schema([
 def safe_key(row_id: str) -> str:
     """An object-key-safe, unique stem for an untrusted id: [A-Za-z0-9_-] only, bounded, no dots or slashes.
 
-    Ids that needed changing get a hash of the original appended, so distinct ids never collide.
+    Ids that needed changing get a hash of the original appended, so distinct ids never collide; an id that
+    merely looks like such a key is hashed too, so it cannot take another id's key.
     """
     cleaned = UNSAFE.sub("_", row_id)[:KEY_LIMIT]
-    if cleaned == row_id and cleaned:
+    if cleaned == row_id and cleaned and not HASHED_SUFFIX.search(cleaned):
         return cleaned
-    digest = hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+    digest = hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
     return f"{cleaned}-{digest}" if cleaned else digest
 
 

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.base import StageContext
 from pipeline import storage
 from pipeline.config import load_config
-from pipeline.plan import stage_specs
 from tests.conftest import FAST_STEPS, model_overrides, psnr, within_tolerance, write_prompts
-from tests.reference import Reference
+from tests.reference import Reference, run_in_process
 
 PROMPTS = ["a red fox in a snowy forest", "an astronaut riding a horse on the moon", "a bowl of ramen",
            "a lighthouse in a storm, oil painting", "a corgi wearing sunglasses"]
@@ -21,18 +19,6 @@ REFERENCE_STEPS = dict(prior_steps=4, decoder_steps=4, super_res_steps=3)
 @pytest.fixture(scope="module")
 def reference(tiny_models):
     return Reference(tiny_models["unclip"], tiny_models["upsampler_1024"])
-
-
-def run_in_process(config, prompts, seeds):
-    """Call each stage actor directly, in order, on one batch: the pure path without Ray."""
-    n = len(prompts)
-    batch = {"id": np.array([f"row{i}" for i in range(n)], dtype=object), "prompt": np.array(prompts, dtype=object),
-             "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object),
-             "truncated": np.zeros(n, dtype=bool), "seeds": np.array(seeds, dtype=np.int64).reshape(n, -1)}
-    for spec in stage_specs(config):
-        actor = spec.actor_class()(StageContext(config=config, final_image=spec.final_image, options=spec.options))
-        batch = actor(batch)
-    return batch
 
 
 def test_in_process_stages_equal_reference_at_256_and_1024(tiny_models, reference):
@@ -74,7 +60,8 @@ def test_the_comparison_detects_a_wrong_setting(tiny_models, reference, wrong):
     assert psnr(ours, other) < 30
 
 
-def read_outputs(output: str) -> dict[str, tuple[str, int, np.ndarray]]:
+def read_outputs(output: str, by: str = "id") -> dict[str, tuple[str, int, np.ndarray]]:
+    """(prompt, seed, pixels) of every image a run wrote, keyed by row id (or image key)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(storage.join(output, "metadata")).to_pylist()
@@ -82,7 +69,7 @@ def read_outputs(output: str) -> dict[str, tuple[str, int, np.ndarray]]:
     for row in table:
         assert row["status"] == "ok", row
         with Image.open(storage.join(output, row["image_key"])) as img:
-            images[row["id"]] = (row["prompt"], row["seed"], np.asarray(img.convert("RGB")))
+            images[row[by]] = (row["prompt"], row["seed"], np.asarray(img.convert("RGB")))
     return images
 
 

@@ -1,0 +1,128 @@
+"""Input: run-level problems stop before any work with one line; row-level problems become error rows."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import seeds
+from pipeline.config import load_config
+from pipeline.reader import InputError, RowPreparer, derived_id, preflight, validate_prompt
+from tests.conftest import FAST_STEPS, model_overrides, write_prompts
+
+
+def config(path, *sets):
+    return load_config(None, ["models.unclip=/x", *sets], input_path=str(path), output_path="out")
+
+
+RUN_LEVEL = {
+    "missing column": (lambda d: write_prompts(d / "a.parquet", ["x"]), ["input.prompt_column=caption"],
+                       r"has no column 'caption' \(columns: prompt\); set input.prompt_column"),
+    "missing path": (lambda d: str(d / "nothing.parquet"), [], r"nothing.parquet does not exist"),
+    "empty glob": (lambda d: str(d / "*.parquet"), [], r"matches no Parquet files"),
+    "corrupt parquet": (lambda d: (d / "bad.parquet").write_bytes(b"PAR1 definitely not parquet") and
+                        str(d / "bad.parquet"), [], r"bad.parquet is not a readable Parquet file"),
+    "duplicate ids": (lambda d: write_prompts(d / "a.parquet", ["x", "y", "z"], id=["1", "2", "1"]), [],
+                      r"duplicate id '1' in input column 'id'"),
+    "float seeds": (lambda d: write_prompts(d / "a.parquet", ["x"], seed=[1.5]), [],
+                    r"input column 'seed' .* is double, expected int64 seeds"),
+    "mixed optional columns": (lambda d: (write_prompts(d / "a.parquet", ["x"], id=["1"]),
+                                          write_prompts(d / "b.parquet", ["y"]), str(d))[-1], [],
+                               r"differs from the others in having 'id' or 'seed' columns"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_LEVEL))
+def test_run_level_input_problems_are_one_clear_line(tmp_path, case):
+    make, sets, message = RUN_LEVEL[case]
+    path = make(tmp_path)
+    with pytest.raises(InputError, match=message) as info:
+        preflight(config(path, *sets))
+    assert "\n" not in str(info.value)
+
+
+def test_directory_glob_and_file_inputs(tmp_path):
+    for name in ("a", "b"):
+        write_prompts(tmp_path / f"{name}.parquet", [name])
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / ".hidden.parquet").write_bytes(b"junk")
+    assert preflight(config(tmp_path)).rows == 2
+    assert preflight(config(tmp_path / "a*.parquet")).rows == 1
+    info = preflight(config(tmp_path / "b.parquet"))
+    assert info.rows == 1 and not info.has_id and not info.has_seed
+
+
+@pytest.mark.parametrize("value,reason", [(None, "prompt is null"), ("", "prompt is empty"),
+                                          ("  \t\n", "prompt is whitespace only"), (7, "prompt is int, expected a string"),
+                                          (b"bytes", "prompt is bytes, expected a string"), ("a cat", None)])
+def test_prompt_validation(value, reason):
+    assert validate_prompt(value) == reason
+
+
+def test_rows_get_ids_seeds_and_errors(tmp_path):
+    path = write_prompts(tmp_path / "p.parquet", ["a", "b", None, "c"], seed=pa.array([10, None, 3, -4], pa.int64()))
+    cfg = config(path, "rerank.candidates=3", "rerank.keep=1", "models.clip=/c", "seed=5")
+    info = preflight(cfg)
+    raw = pq.read_table(path).to_pydict()
+    batch = {"prompt": np.array(raw["prompt"], dtype=object), "seed": np.array(raw["seed"], dtype=object),
+             "path": np.array([path] * 4, dtype=object), "row_hash": np.array([1, 2, 3, 4], dtype=np.uint64)}
+    out = RowPreparer(cfg, info)(batch)
+    assert out["id"].tolist() == [derived_id(path, h) for h in (1, 2, 3, 4)]
+    assert re.fullmatch(r"p-[0-9a-f]{16}", out["id"][0])
+    assert out["seeds"][0].tolist() == [10, 11, 12]
+    base = seeds.derived_base_seed(5, out["id"][1])
+    assert out["seeds"][1].tolist() == [base, base + 1, base + 2], "a null seed falls back to the derivation"
+    assert out["status"].tolist() == ["ok", "ok", "error", "error"]
+    assert out["error"][2] == "prompt is null" and "seed -4 is out of range" in out["error"][3]
+    done = RowPreparer(cfg, info, done_ids={out["id"][0]})(batch)
+    assert out["id"][0] not in done["id"].tolist() and len(done["id"]) == 3
+
+
+BAD_ROWS = [  # (id, prompt, expected status, expected error or truncated flag)
+    ("ok-1", "a red fox", "ok", None),
+    ("../../etc/passwd", "a blue bird", "ok", None),
+    ("/abs/path", "a green frog", "ok", None),
+    ("ctrl\x01id", "a yellow cat", "ok", None),
+    ("a" * 300, "an orange dog", "ok", None),
+    ("null-prompt", None, "error", "prompt is null"),
+    ("empty-prompt", "", "error", "prompt is empty"),
+    ("blank-prompt", "   ", "error", "prompt is whitespace only"),
+    ("long-prompt", " ".join(["word"] * 120), "ok", "truncated"),
+]
+
+
+def test_bad_rows_become_error_rows_and_every_row_is_accounted_once(tiny_models, ray_session, tmp_path):
+    from pipeline.run import generate
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    write_prompts(folder / "a.parquet", [p for _, p, _, _ in BAD_ROWS], id=[i for i, _, _, _ in BAD_ROWS])
+    write_prompts(folder / "b.parquet", [42, 43], id=["int-1", "int-2"], prompt_type=pa.int64())
+    output = tmp_path / "out"
+    result = generate(load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False),
+                                  input_path=str(folder), output_path=str(output)))
+    rows = pq.read_table(output / "metadata").to_pylist()
+    by_id = {}
+    for row in rows:
+        by_id.setdefault(row["id"], []).append(row)
+    expected = {i: (status, note) for i, _, status, note in BAD_ROWS}
+    expected.update({"int-1": ("error", "prompt is int, expected a string"),
+                     "int-2": ("error", "prompt is int, expected a string")})
+    assert set(by_id) == set(expected) and all(len(v) == 1 for v in by_id.values()), "each row exactly once"
+    for row_id, (status, note) in expected.items():
+        row = by_id[row_id][0]
+        assert row["status"] == status, row
+        if status == "error":
+            assert row["error"] == note and row["image_key"] is None
+        else:
+            assert row["truncated"] is (note == "truncated")
+            assert re.fullmatch(r"images/[A-Za-z0-9_-]{1,100}\.png", row["image_key"]), row["image_key"]
+            assert (output / row["image_key"]).is_file()
+    keys = [r["image_key"] for r in rows if r["image_key"]]
+    assert len(keys) == len(set(keys))
+    assert all(p.resolve().is_relative_to(output.resolve()) for p in output.rglob("*"))
+    assert result.summary["counts"] == {**result.summary["counts"], "ok": 6, "error": 5, "input_rows": 11}

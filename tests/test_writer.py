@@ -1,0 +1,103 @@
+"""Writers: every format through one interface, metadata rows for every input row, safe and unique keys."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.writer import METADATA_SCHEMA, ShardWriter, safe_key, shard_name
+
+
+def batch(n_ok=2, keep=2, size=8):
+    rng = np.random.default_rng(0)
+    ids = [f"row-{i}" for i in range(n_ok)] + ["bad"]
+    n = len(ids)
+    return {
+        "id": np.array(ids, dtype=object), "prompt": np.array([f"prompt {i}" for i in range(n_ok)] + [""], dtype=object),
+        "status": np.array(["ok"] * n_ok + ["error"], dtype=object),
+        "error": np.array([""] * n_ok + ["prompt is empty"], dtype=object),
+        "truncated": np.array([True] + [False] * (n - 1)), "seeds": np.arange(n * keep, dtype=np.int64).reshape(n, keep),
+        "candidate": np.tile(np.array([2, 0], dtype=np.int32)[:keep], (n, 1)),
+        "clip_score": np.tile(np.array([30.5, 20.25], dtype=np.float32)[:keep], (n, 1)),
+        "candidate_scores": np.tile(np.array([20.25, 1.0, 30.5], dtype=np.float32), (n, 1)),
+        "image": rng.integers(0, 256, (n, keep, size, size, 3), dtype=np.uint8),
+        "_images_decoder": np.full(n, 3), "_seconds_decoder": np.full(n, 0.5),
+    }
+
+
+def writer(tmp_path, *sets):
+    config = load_config(None, ["models.unclip=/x", *sets], input_path="in", output_path=str(tmp_path / "out"))
+    return ShardWriter(config), tmp_path / "out"
+
+
+@pytest.mark.parametrize("image_format,extension,lossless", [("png", "png", True), ("webp", "webp", False),
+                                                            ("jpeg", "jpg", False)])
+def test_files_format_writes_one_object_per_kept_image(tmp_path, image_format, extension, lossless):
+    write, out = writer(tmp_path, f"output.image_format={image_format}", "output.quality=90")
+    data = batch()
+    result = write(data)
+    assert result["rows"].tolist() == [3] and result["ok"].tolist() == [2] and result["error"].tolist() == [1]
+    assert result["images"].tolist() == [4] and result["_images_decoder"].tolist() == [9]
+    table = pq.read_table(out / "metadata")
+    assert table.schema.equals(METADATA_SCHEMA)
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows].count("bad") == 1 and len(rows) == 5
+    bad = next(r for r in rows if r["id"] == "bad")
+    assert bad["status"] == "error" and bad["error"] == "prompt is empty" and bad["image_key"] is None
+    for row in (r for r in rows if r["status"] == "ok"):
+        assert row["image_key"] == f"images/{row['id']}_{row['candidate']}.{extension}"
+        with Image.open(out / row["image_key"]) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        original = data["image"][int(row["id"][-1]), row["rank"]]
+        if lossless:
+            assert np.array_equal(pixels, original)
+        assert (row["width"], row["height"]) == (8, 8) and row["candidate_scores"] == [20.25, 1.0, 30.5]
+    assert next(r for r in rows if r["id"] == "row-0")["truncated"] is True
+
+
+def test_webdataset_shards_read_back_with_the_webdataset_library(tmp_path):
+    import webdataset as wds
+
+    write, out = writer(tmp_path, "output.format=webdataset")
+    data = batch()
+    write(data)
+    shards = sorted((out / "shards").glob("*.tar"))
+    assert [s.stem for s in shards] == [shard_name(data["id"])]
+    samples = list(wds.WebDataset(str(shards[0]), shardshuffle=False))
+    assert len(samples) == 4
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        row = int(meta["id"][-1])
+        assert np.array_equal(image, data["image"][row, meta["rank"]])
+        assert sample["__key__"] == f"{meta['id']}_{meta['candidate']}" and meta["seed"] == data["seeds"][row, meta["rank"]]
+    table = pq.read_table(out / "metadata").to_pylist()
+    assert {r["shard"] for r in table} == {shards[0].stem}
+
+
+def test_rewriting_the_same_rows_replaces_the_same_objects(tmp_path):
+    write, out = writer(tmp_path, "output.format=webdataset")
+    write(batch())
+    write(batch())
+    assert len(list((out / "shards").glob("*.tar"))) == 1 and len(list((out / "metadata").iterdir())) == 1
+    assert not [p for p in out.rglob(".*")], "no in-progress files are left behind"
+
+
+UNTRUSTED_IDS = ["../../etc/passwd", "/absolute/path", "a/b", "a_b", "a.b", "ctrl\x01char", "new\nline", "x" * 500,
+                 "naïve café", "", ".", "..", "spaces in id"]
+
+
+def test_keys_from_untrusted_ids_are_safe_bounded_and_unique():
+    ids = UNTRUSTED_IDS + [safe_key("a/b")]  # an id that imitates another id's hashed key
+    keys = [safe_key(i) for i in ids]
+    assert len(set(keys)) == len(keys)
+    for key in keys:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{1,100}", key), key
+    assert safe_key("plain-id_1") == "plain-id_1"
