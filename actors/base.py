@@ -20,6 +20,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GENERATOR_STATE = "generator_state"
 
 
+class StageLoadError(RuntimeError):
+    """A stage actor could not load its model: the run stops (retrying would fail the same way)."""
+
+
 @dataclass
 class StageContext:
     """What the planner tells one stage's actors beyond the run config."""
@@ -79,7 +83,11 @@ class StageActor:
         self.dtype = resolve_dtype(self.settings.dtype or self.config.dtype, self.device)
         self.output_spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         """Per-image (or per-row) shape and dtype of each output; filled by load()."""
-        self.load()
+        try:
+            self.load()
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StageLoadError(f"stage {self.name} could not load its model: {detail}") from exc
         if self.uses_generators:
             state_bytes = torch.Generator(device=self.device).get_state().numel()
             self.output_spec[GENERATOR_STATE] = ((state_bytes,), np.dtype(np.uint8))

@@ -10,8 +10,9 @@ from pipeline.checkpoints import CheckpointError
 from pipeline.config import ConfigError, load_config
 from pipeline.output import OutputError
 from pipeline.reader import InputError
+from pipeline.run import RunFailed
 
-RUN_LEVEL_ERRORS = (ConfigError, InputError, CheckpointError, OutputError)
+RUN_LEVEL_ERRORS = (ConfigError, InputError, CheckpointError, OutputError, RunFailed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

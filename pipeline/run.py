@@ -22,6 +22,26 @@ log = logging.getLogger(__name__)
 PACKAGES = ("ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec", "s3fs", "unclip-ray")
 
 
+class RunFailed(RuntimeError):
+    """A run-level failure during execution (e.g. a model that does not load); one line for the user."""
+
+
+def _stage_load_error(exc: BaseException) -> str | None:
+    """The StageLoadError message inside a Ray/Ray Data exception chain, if that is what stopped the run.
+
+    Ray hands the driver an ActorDiedError whose text carries the actor's creation-task traceback, not the
+    original exception object, so the marker is found in the text.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for line in str(exc).splitlines():
+            if "StageLoadError: " in line:
+                return line.split("StageLoadError: ", 1)[1].strip()
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 @dataclass
 class RunResult:
     summary: dict
@@ -111,21 +131,29 @@ def generate(config: Config, *, progress=None) -> RunResult:
 
     new_rows = new_images = 0
     stage_work: dict[str, float] = {}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        new_rows += int(batch["rows"].sum())
-        new_images += int(batch["images"].sum())
-        for column, values in batch.items():
-            if column.startswith((IMAGES_PREFIX, SECONDS_PREFIX)):
-                stage_work[column] = stage_work.get(column, 0) + float(np.asarray(values).sum())
-        if progress is not None:
-            progress(new_rows, info.rows - len(state.done_ids))
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            new_rows += int(batch["rows"].sum())
+            new_images += int(batch["images"].sum())
+            for column, values in batch.items():
+                if column.startswith((IMAGES_PREFIX, SECONDS_PREFIX)):
+                    stage_work[column] = stage_work.get(column, 0) + float(np.asarray(values).sum())
+            if progress is not None:
+                progress(new_rows, info.rows - len(state.done_ids))
+    except Exception as exc:
+        message = _stage_load_error(exc)
+        if message is None:
+            raise
+        raise RunFailed(f"{message.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)") from None
 
     table = output.metadata(columns=["id", "status", "image_key"])
-    statuses = table.column("status").to_pylist() if table is not None else []
-    row_status: dict[str, str] = {}
-    for row_id, status in zip(table.column("id").to_pylist() if table is not None else [], statuses):
-        row_status[row_id] = status
-    images = sum(1 for key in (table.column("image_key").to_pylist() if table is not None else []) if key)
+    columns = table.to_pydict() if table is not None else {"id": [], "status": [], "image_key": []}
+    row_status = dict(zip(columns["id"], columns["status"]))
+    images = sum(1 for key in columns["image_key"] if key)
+    if len(row_status) != info.rows:
+        # Never declare success unless every input row is accounted for (a vanished or changed input file).
+        raise RunFailed(f"only {len(row_status)} of {info.rows} input rows reached the output; the input changed "
+                        "or could not be read during the run; rerun the same command to finish (finished rows are kept)")
     wall = time.time() - started
     summary = {
         "status": "complete",

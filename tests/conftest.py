@@ -34,9 +34,22 @@ def ray_session(model_cache):
     """One local Ray for the whole session: 4 logical CPUs and 2 fake GPUs (placement is real, compute is CPU)."""
     import ray
 
+    # Ray binds to this machine's own address (it resolves 127.0.0.1 to it); nothing leaves the machine.
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on loopback (moto), for the whole session; tests create their own buckets."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
 
 
 def write_prompts(path, prompts, **columns) -> str:

@@ -21,17 +21,6 @@ from tests.conftest import FAST_STEPS, write_prompts
 SECRET = "moto-secret-do-not-log-7f3a"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_endpoint):
     """A fresh filesystem client and bucket name prefix for one test."""

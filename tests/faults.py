@@ -1,0 +1,147 @@
+"""Fault injection for the chaos tests: an actor killer and a faulty HTTP proxy in front of S3, loopback only."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import psutil
+
+
+def stage_actor_processes() -> list[psutil.Process]:
+    """Live Ray Data stage-actor processes on this machine (their titles name the stage)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info.get("cmdline") or [])
+        # Skip actors still in __init__: the point is to kill one holding an in-flight batch.
+        if "MapWorker(MapBatches(" in title and "Actor)" in title and ".__init__" not in title:
+            found.append(process)
+    return found
+
+
+class ActorKiller(threading.Thread):
+    """SIGKILLs a random stage actor `kills` times, `interval` seconds apart, while the run goes on."""
+
+    def __init__(self, kills: int, interval: float, seed: int = 0):
+        super().__init__(daemon=True)
+        self.kills, self.interval = kills, interval
+        self.random = random.Random(seed)
+        self.killed: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.time() + 300
+        while len(self.killed) < self.kills and not self.stop.wait(self.interval) and time.time() < deadline:
+            victims = stage_actor_processes()
+            if not victims:
+                continue
+            victim = self.random.choice(victims)
+            try:
+                title = " ".join(victim.cmdline()).strip()
+                os.kill(victim.pid, signal.SIGKILL)
+                self.killed.append(title)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                continue
+
+
+class FaultyProxy:
+    """HTTP proxy to an upstream S3 endpoint that fails a share of requests, as a flaky network or store would.
+
+    Faults: a 503 SlowDown reply, a connection dropped before forwarding, or dropped after forwarding (the
+    request took effect, the reply was lost). Deterministic for a seed; counts what it injected.
+    """
+
+    def __init__(self, upstream: str, rate: float = 0.15, seed: int = 0):
+        self.upstream = urlsplit(upstream)
+        self.rate = rate
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.faults = {"503": 0, "drop_before": 0, "drop_after": 0, "forwarded": 0}
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fault = proxy._draw()
+                if fault == "503":
+                    payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if fault == "drop_before":
+                    self._drop()
+                    return
+                status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
+                if fault == "drop_after":
+                    self._drop()
+                    return
+                self.send_response(status)
+                for key, value in headers:
+                    # A HEAD reply keeps the object's own Content-Length; others get the body's.
+                    if key.lower() not in ("transfer-encoding", "connection") and \
+                            (key.lower() != "content-length" or self.command == "HEAD"):
+                        self.send_header(key, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _drop(self):
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _draw(self) -> str | None:
+        with self.lock:
+            if self.random.random() >= self.rate:
+                self.faults["forwarded"] += 1
+                return None
+            # Kinds in rotation, so even a short run sees each of them.
+            injected = sum(self.faults.values()) - self.faults["forwarded"]
+            fault = ("503", "drop_before", "drop_after")[injected % 3]
+            self.faults[fault] += 1
+            return fault
+
+    def _forward(self, method, path, headers, body):
+        connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            forwarded = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+            forwarded["Host"] = self.upstream.netloc
+            connection.request(method, path, body=body, headers=forwarded)
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
