@@ -10,9 +10,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from pipeline import checkpoints, seeds
+from pipeline import checkpoints, progress, seeds
 from pipeline.config import Config
-from pipeline.writer import IMAGES_PREFIX, SECONDS_PREFIX
+from pipeline.writer import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, SECONDS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class StageContext:
     """This stage produces the run's final images: emit uint8 HWC `image` instead of float pixels."""
     options: dict = field(default_factory=dict)
     """Stage-specific wiring (e.g. which column the reranker scores)."""
+    progress_board: str | None = None
+    """Name of the run's progress actor (pipeline.progress); None: report metrics only."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -88,6 +90,7 @@ class StageActor:
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise StageLoadError(f"stage {self.name} could not load its model: {detail}") from exc
+        self.reporter = progress.StageReporter(self.name, context.progress_board)
         if self.uses_generators:
             state_bytes = torch.Generator(device=self.device).get_state().numel()
             self.output_spec[GENERATOR_STATE] = ((state_bytes,), np.dtype(np.uint8))
@@ -124,6 +127,7 @@ class StageActor:
         out = {k: v for k, v in batch.items() if k not in self.drops}
         candidates = self._candidates(batch)
         computed, failures = ({}, {})
+        began = time.time()
         started = time.perf_counter()
         if len(ok):
             computed, failures = self._process({k: batch[k][ok] for k in self.row_inputs + self.candidate_inputs
@@ -133,6 +137,8 @@ class StageActor:
         images[ok] = candidates
         out[IMAGES_PREFIX + self.name] = images
         out[SECONDS_PREFIX + self.name] = busy * images / max(1, int(images.sum()))
+        out[BEGIN_PREFIX + self.name] = np.full(rows, began)
+        out[END_PREFIX + self.name] = np.full(rows, began + busy)
         for column, (shape, dtype) in self.output_spec.items():
             lead = (rows,) if self.per_row else (rows, candidates)
             full = np.zeros(lead + shape, dtype=dtype)
@@ -146,6 +152,7 @@ class StageActor:
                 status[ok[position]] = "error"
                 errors[ok[position]] = reason
             out["status"], out["error"] = status, errors
+        self.reporter.record(rows=rows, images=int(images.sum()), errors=len(failures), seconds=busy)
         return out
 
     def _candidates(self, batch: dict[str, np.ndarray]) -> int:

@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = result.summary
     counts = summary["counts"]
     if result.already_done:
-        print(f"already complete: {summary['output']} ({counts['ok']} ok, {counts['error']} error rows); nothing to do")
+        window = f"window {config.run.window} " if config.run.window else ""
+        print(f"{window}already complete: {summary['output']} ({counts['ok']} ok, {counts['error']} error rows); "
+              "nothing to do")
         return 0
     print(f"done: {counts['ok']} ok, {counts['error']} error, {counts['skipped']} skipped (finished earlier) "
           f"of {counts['input_rows']} rows; {counts['images']} images in {summary['wall_time_s']:.1f}s "
           f"({summary['images_per_s']} images/s this attempt)")
-    print(f"output: {summary['output']} (images, metadata/*.parquet, _SUCCESS.json)")
+    print(f"output: {summary['output']} (images, metadata/*.parquet, report.json, contact_sheet.png, _SUCCESS.json)")
     return 0
 
 

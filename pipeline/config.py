@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from pipeline import window
+
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_FORMATS = ("files", "webdataset")
 IMAGE_FORMATS = ("png", "webp", "jpeg")
@@ -278,12 +280,20 @@ class RunConfig:
     """The run's window (e.g. a date); substituted for {window} in input.path and output.path. 'auto': now."""
     window_granularity: str = "day"
     """For window 'auto': 'day' (YYYY-MM-DD) or 'hour' (YYYY-MM-DDTHH) in UTC."""
+    progress_interval_s: float = 30.0
+    """Seconds between progress lines (one per stage) when stderr is not a terminal."""
 
     def __post_init__(self) -> None:
         _require(self.window is None or (isinstance(self.window, str) and self.window != ""),
                  f"run.window must be a string such as 2026-11-24 or 'auto', got {self.window!r}")
-        _require(self.window_granularity in ("day", "hour"),
+        _require(self.window_granularity in window.FORMATS,
                  f"run.window_granularity must be 'day' or 'hour', got {self.window_granularity!r}")
+        _require(isinstance(self.progress_interval_s, (int, float)) and self.progress_interval_s > 0,
+                 f"run.progress_interval_s must be a number of seconds > 0, got {self.progress_interval_s!r}")
+        try:
+            self.window = window.resolve(self.window, self.window_granularity)
+        except window.WindowError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -311,6 +321,11 @@ class Config:
                  f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _require(isinstance(self.storage_options, dict), "storage_options must be a mapping of fsspec options")
+        try:  # scheduled runs: both paths are templated by the resolved window
+            self.input.path = window.fill(self.input.path, "input.path", self.run.window)
+            self.output.path = window.fill(self.output.path, "output.path", self.run.window)
+        except window.WindowError as exc:
+            raise ConfigError(str(exc)) from None
         _require(self.rerank.candidates == self.rerank.keep or self.models.clip is not None,
                  f"rerank.candidates={self.rerank.candidates} > rerank.keep={self.rerank.keep} needs models.clip "
                  "(a CLIPModel checkpoint) to score candidates")

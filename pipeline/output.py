@@ -68,7 +68,10 @@ class OutputDir:
         return json.loads(storage.read_bytes(self.fs, path))
 
     def write_json(self, name: str, data: dict) -> None:
-        storage.atomic_write(self.fs, self.path(name), json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        self.write_bytes(name, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        storage.atomic_write(self.fs, self.path(name), data)
 
     def is_empty(self) -> bool:
         return not storage.listdir(self.fs, self.root)

@@ -6,19 +6,26 @@ import logging
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
 import numpy as np
 
-from pipeline import checkpoints, reader, storage
+from pipeline import checkpoints, costs, reader, storage
 from pipeline.config import Config, redacted
 from pipeline.output import SUCCESS_FILE, OutputDir
 from pipeline.plan import Placement, StageSpec, plan_placements, stage_specs, task_cpus
-from pipeline.writer import IMAGES_PREFIX, SECONDS_PREFIX, ShardWriter
+from pipeline.progress import ProgressPrinter
+from pipeline.report import REPORT_FILE, write_report
+from pipeline.writer import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, SECONDS_PREFIX, ShardWriter,
+                             merge_stage_counters)
 
 log = logging.getLogger(__name__)
 
+TASKS_IN_FLIGHT_PER_ACTOR = 2
+"""One batch running, one queued: actors never wait on the scheduler, and none hoards the last batches."""
+MIN_ACTORS_WAIT_S = 900
 PACKAGES = ("ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec", "s3fs", "unclip-ray")
 
 
@@ -68,35 +75,76 @@ def connect_ray() -> None:
              logging_level=logging.WARNING)
 
 
-def cluster_resources() -> tuple[float, float]:
+def cluster_resources() -> tuple[float, float, float | None]:
+    """(CPUs, GPUs, fewest CPUs per GPU on any GPU node) of the cluster."""
     import ray
 
     resources = ray.cluster_resources()
-    return float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
+    ratios = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in ray.nodes()
+              if node.get("Alive") and node["Resources"].get("GPU", 0) > 0]
+    return float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), min(ratios) if ratios else None
 
 
-def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec],
-                  placements: dict[str, Placement], done_ids: set[str], io_cpus: float):
-    """Read -> one actor pool per stage -> shard writer, as one streaming Ray Dataset."""
+def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: dict[str, Placement],
+                 runtime_env: dict | None = None, actor_for=lambda spec: spec.actor_class(),
+                 progress_board: str | None = None):
+    """One actor pool per stage, in order (the simulation benchmark passes stand-in actors)."""
     import ray.data
     from actors.base import StageContext
 
-    runtime_env = {"env_vars": storage.forwarded_env()}
-    dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus, runtime_env=runtime_env)
+    block_rows = None
     for stage in stages:
         placement = placements[stage.name]
-        # One stage batch per block: each task is one batch, so every replica gets work and stages overlap.
-        dataset = dataset.repartition(target_num_rows_per_block=placement.batch_rows)
+        if placement.batch_rows != block_rows:
+            # One stage batch per block: each task is one batch, so every replica gets work and stages overlap.
+            dataset = dataset.repartition(target_num_rows_per_block=placement.batch_rows)
+            block_rows = placement.batch_rows
         context = StageContext(config=config, use_gpu=placement.num_gpus > 0, num_threads=placement.threads,
-                               final_image=stage.final_image, options=stage.options)
+                               final_image=stage.final_image, options=stage.options, progress_board=progress_board)
         dataset = dataset.map_batches(
-            stage.actor_class(), fn_constructor_kwargs={"context": context}, batch_size=placement.batch_rows,
+            actor_for(stage), fn_constructor_kwargs={"context": context}, batch_size=placement.batch_rows,
             batch_format="numpy", zero_copy_batch=False,
-            compute=ray.data.ActorPoolStrategy(size=placement.replicas),
+            compute=ray.data.ActorPoolStrategy(size=placement.replicas,
+                                               max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
             num_gpus=placement.num_gpus or None, num_cpus=placement.num_cpus, runtime_env=runtime_env,
         )
+    return dataset
+
+
+def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec],
+                  placements: dict[str, Placement], done_ids: set[str], io_cpus: float,
+                  progress_board: str | None = None):
+    """Read -> one actor pool per stage -> shard writer, as one streaming Ray Dataset."""
+    runtime_env = {"env_vars": storage.forwarded_env()}
+    dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus, runtime_env=runtime_env)
+    dataset = chain_stages(dataset, config, stages, placements, runtime_env, progress_board=progress_board)
     return dataset.map_batches(ShardWriter(config), batch_size=config.output.shard_size, batch_format="numpy",
                                num_cpus=io_cpus, runtime_env=runtime_env)
+
+
+def _costs_for_planning(config: Config, stages: list[StageSpec], gpus: float) -> dict[str, float] | None:
+    """Per-image GPU costs for `auto` placement (from the checkpoints' configs); none needed without GPUs."""
+    auto = any(getattr(config.stages, s.name).replicas == "auto" or getattr(config.stages, s.name).num_gpus == "auto"
+               for s in stages)
+    return costs.estimated_costs(config) if gpus >= 1 and auto else None
+
+
+def _pipeline_span(stage_work: dict[str, float]) -> float | None:
+    """Seconds from the first batch any stage began to the last one any stage ended (excludes start-up)."""
+    begins = [v for k, v in stage_work.items() if k.startswith(BEGIN_PREFIX)]
+    ends = [v for k, v in stage_work.items() if k.startswith(END_PREFIX)]
+    return round(max(ends) - min(begins), 3) if begins and ends else None
+
+
+def configure_data_context() -> None:
+    """Ray Data settings for a long streaming run of actor pools."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    context.execution_options.preserve_order = False
+    # A pool whose actors cannot be placed would otherwise run on the ones that could, silently slower.
+    context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
 
 
 def package_versions() -> dict[str, str]:
@@ -119,15 +167,16 @@ def generate(config: Config, *, progress=None) -> RunResult:
         return RunResult(summary=state.finished, already_done=True)
 
     connect_ray()
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stderr.isatty()
-    context.execution_options.preserve_order = False
-    cpus, gpus = cluster_resources()
+    configure_data_context()
+    cpus, gpus, cpus_per_gpu = cluster_resources()
     stages = stage_specs(config)
-    placements = plan_placements(config, stages, cpus, gpus)
-    dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(cpus))
+    plan = plan_placements(config, stages, cpus, gpus, _costs_for_planning(config, stages, gpus),
+                           rows=max(1, info.rows - len(state.done_ids)), cpus_per_gpu=cpus_per_gpu)
+    placements = plan.placements
+    todo = info.rows - len(state.done_ids)
+    board = f"unclip-progress-{uuid.uuid4().hex[:12]}"
+    printer = ProgressPrinter(board, [s.name for s in stages], todo, config.run.progress_interval_s)
+    dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(cpus), board)
 
     new_rows = new_images = 0
     stage_work: dict[str, float] = {}
@@ -135,16 +184,17 @@ def generate(config: Config, *, progress=None) -> RunResult:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             new_rows += int(batch["rows"].sum())
             new_images += int(batch["images"].sum())
-            for column, values in batch.items():
-                if column.startswith((IMAGES_PREFIX, SECONDS_PREFIX)):
-                    stage_work[column] = stage_work.get(column, 0) + float(np.asarray(values).sum())
+            printer.written = new_rows
+            merge_stage_counters(stage_work, batch)
             if progress is not None:
-                progress(new_rows, info.rows - len(state.done_ids))
+                progress(new_rows, todo)
     except Exception as exc:
         message = _stage_load_error(exc)
         if message is None:
             raise
         raise RunFailed(f"{message.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)") from None
+    finally:
+        printer.close()
 
     table = output.metadata(columns=["id", "status", "image_key"])
     columns = table.to_pydict() if table is not None else {"id": [], "status": [], "image_key": []}
@@ -167,14 +217,21 @@ def generate(config: Config, *, progress=None) -> RunResult:
             "generated_this_attempt": new_rows,
         },
         "wall_time_s": round(wall, 3),
+        "pipeline_span_s": _pipeline_span(stage_work),
         "images_per_s": round(new_images / wall, 4) if wall > 0 else None,
         "stages": [{"name": s.name, "images_per_row": s.images_per_row, **vars(placements[s.name]),
                     "images": int(stage_work.get(IMAGES_PREFIX + s.name, 0)),
-                    "busy_s": round(stage_work.get(SECONDS_PREFIX + s.name, 0.0), 3)} for s in stages],
+                    "busy_s": round(stage_work.get(SECONDS_PREFIX + s.name, 0.0), 3),
+                    "active_s": round(stage_work.get(END_PREFIX + s.name, 0.0)
+                                      - stage_work.get(BEGIN_PREFIX + s.name, 0.0), 3),
+                    "gpu_cost_per_row": plan.row_costs.get(s.name)} for s in stages],
+        "plan": {"bound_rows_per_s": plan.bound, "predicted_rows_per_s": plan.predicted},
         "cluster": {"cpus": cpus, "gpus": gpus},
         "models": {k: v for k, v in redacted(config)["models"].items()},
         "config": redacted(config),
         "versions": package_versions(),
     }
+    # The report first: the summary is the commit marker of the whole run, so it is written last.
+    summary["report"] = {"file": REPORT_FILE, "contact_sheet": write_report(output, summary)["contact_sheet"]}
     output.write_json(SUCCESS_FILE, summary)
     return RunResult(summary=summary)

@@ -18,9 +18,22 @@ from pipeline.config import Config
 
 IMAGES_PREFIX = "_images_"
 SECONDS_PREFIX = "_seconds_"
-"""Per-row counters each stage adds (images it processed for the row, busy seconds attributed to it); the
-writer sums them per shard, so the run report counts committed work only."""
-STAGE_COUNTER_PREFIXES = (IMAGES_PREFIX, SECONDS_PREFIX)
+BEGIN_PREFIX = "_begin_"
+END_PREFIX = "_end_"
+"""Per-row counters each stage adds: images it processed for the row, busy seconds attributed to it, and
+when the batch holding the row began and ended. Writers and the driver fold them (sum, sum, min, max), so
+the run report counts committed work only."""
+_FOLD = {IMAGES_PREFIX: np.sum, SECONDS_PREFIX: np.sum, BEGIN_PREFIX: np.min, END_PREFIX: np.max}
+
+
+def merge_stage_counters(totals: dict[str, float], batch: dict) -> dict[str, float]:
+    """Fold a batch's stage counters into running totals (sums, earliest begin, latest end)."""
+    for column, values in batch.items():
+        for prefix, fold in _FOLD.items():
+            if column.startswith(prefix):
+                value = float(fold(np.asarray(values)))
+                totals[column] = value if column not in totals else float(fold([totals[column], value]))
+    return totals
 
 IMAGES_DIR = "images"
 SHARDS_DIR = "shards"
@@ -186,7 +199,6 @@ class ShardWriter:
         result = {"shard": np.array([shard], dtype=object), "rows": np.array([len(statuses)]),
                   "ok": np.array([int((statuses == "ok").sum())]), "error": np.array([int((statuses != "ok").sum())]),
                   "images": np.array([sum(1 for r in rows if r.get("image_key"))])}
-        for column, values in batch.items():
-            if column.startswith(STAGE_COUNTER_PREFIXES):  # per-stage work, summed for the run report
-                result[column] = np.array([np.asarray(values).sum()])
+        for column, value in merge_stage_counters({}, batch).items():
+            result[column] = np.array([value])
         return result

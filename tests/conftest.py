@@ -66,6 +66,13 @@ def model_overrides(models: dict[str, str], *, upsampler_1024: bool = True, clip
             f"models.clip={models['clip'] if clip else 'null'}"]
 
 
+def run_in_process(config, prompts, seeds, stop_after: str | None = None):
+    """Every stage actor in order on one batch, in this process: the pure path without Ray."""
+    from pipeline.local import prompt_batch, run_stages
+
+    return run_stages(config, prompt_batch(prompts, seeds), stop_after=stop_after)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

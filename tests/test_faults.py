@@ -25,9 +25,9 @@ from actors.base import StageContext
 from actors.decoder import DecoderActor
 from pipeline.config import load_config
 from pipeline.run import RunFailed, generate
-from tests.conftest import FAST_STEPS, model_overrides, psnr, within_tolerance, write_prompts
+from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
 from tests.faults import ActorKiller, FaultyProxy
-from tests.reference import Reference, run_in_process
+from pipeline.reference import Reference
 from tests.test_exactness import REFERENCE_STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -51,6 +51,43 @@ def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_sessio
     everything = "".join(p.read_text(errors="ignore") for p in output.rglob("*.json"))
     assert "hunter2" not in everything
 
+    report = json.loads((output / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == [s["name"] for s in summary["stages"]]
+    assert all(s["images"] == 3 and s["images_per_s"] > 0 for s in report["stages"])
+    assert report["clip_score"]["count"] == 3 and report["errors"]["rows"] == 0
+    assert report["contact_sheet_images"] == 3
+    with Image.open(output / "contact_sheet.png") as sheet:
+        assert sheet.width >= 3 * 128 and sheet.height >= 128
+
+
+def test_window_names_the_run_and_a_finished_window_is_a_no_op(tiny_models, ray_session, tmp_path, capsys):
+    (tmp_path / "in" / "2026-11-24").mkdir(parents=True)
+    write_prompts(tmp_path / "in" / "2026-11-24" / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
+    sets = [("--set", s) for s in FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
+            + ["output.shard_size=1"]]
+    args = cli(("--input", str(tmp_path / "in" / "{window}")), ("--output", str(tmp_path / "out" / "{window}")),
+               ("--window", "2026-11-24"), *sets)
+    assert main(args) == 0
+    output = tmp_path / "out" / "2026-11-24"
+    assert json.loads((output / "_SUCCESS.json").read_text())["counts"]["ok"] == 3
+    files = {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    assert main(args) == 0  # finished: says so, touches nothing
+    assert "window 2026-11-24 already complete" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()} == files
+
+    # Half finished (one shard lost its commit marker, no summary): the same command resumes that shard only.
+    (output / "_SUCCESS.json").unlink()
+    next(iter(sorted((output / "metadata").iterdir()))).unlink()
+    assert main(args) == 0
+    summary = json.loads((output / "_SUCCESS.json").read_text())
+    assert summary["counts"]["skipped"] == 2 and summary["counts"]["generated_this_attempt"] == 1
+    assert pq.read_table(output / "metadata").num_rows == 3
+
+    assert main(cli(("--input", str(tmp_path / "in" / "{window}")), ("--output", str(tmp_path / "o")), *sets)) == 2
+    assert "pass --window" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("case", ["missing_column", "missing_path", "bad_config", "missing_model", "unknown_key"])
 def test_run_level_errors_are_one_line_and_nonzero_before_any_work(tiny_models, tmp_path, capsys, case):

@@ -1,4 +1,6 @@
-"""The exactness oracle: diffusers' own pipelines on the same checkpoints, loaded independently of our loader."""
+"""The diffusers baseline: UnCLIPPipeline + StableDiffusionUpscalePipeline on the same checkpoints, loaded
+component by component with diffusers/transformers directly (not through our loader). Tests use it as the
+exactness oracle and `jobs.bench --tiny` as the speed baseline."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ from diffusers import (PriorTransformer, StableDiffusionUpscalePipeline, UnCLIPP
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from actors.base import StageContext
-from pipeline.plan import stage_specs
 
 
 class Reference:
@@ -47,17 +47,3 @@ class Reference:
                                   generator=generator, num_inference_steps=upscale_steps,
                                   guidance_scale=upscale_guidance, noise_level=noise_level, output_type="np").images
         return (image[0] * 255).round().astype(np.uint8)
-
-
-def run_in_process(config, prompts, seeds, stop_after: str | None = None):
-    """Call each stage actor directly, in order, on one batch: the pure path without Ray."""
-    n = len(prompts)
-    batch = {"id": np.array([f"row{i}" for i in range(n)], dtype=object), "prompt": np.array(prompts, dtype=object),
-             "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object),
-             "truncated": np.zeros(n, dtype=bool), "seeds": np.array(seeds, dtype=np.int64).reshape(n, -1)}
-    for spec in stage_specs(config):
-        actor = spec.actor_class()(StageContext(config=config, final_image=spec.final_image, options=spec.options))
-        batch = actor(batch)
-        if spec.name == stop_after:
-            break
-    return batch

@@ -1,0 +1,32 @@
+"""In-process runs of the stage actors, without Ray: calibration, benchmarks and tests use the pure path."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import Config
+
+
+def prompt_batch(prompts: list[str], seeds) -> dict[str, np.ndarray]:
+    """Pipeline rows as the reader makes them, for prompts with given candidate seeds (rows x candidates)."""
+    n = len(prompts)
+    return {"id": np.array([f"row{i}" for i in range(n)], dtype=object), "prompt": np.array(prompts, dtype=object),
+            "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object),
+            "truncated": np.zeros(n, dtype=bool), "seeds": np.asarray(seeds, dtype=np.int64).reshape(n, -1)}
+
+
+def run_stages(config: Config, batch: dict[str, np.ndarray], *, stop_after: str | None = None,
+               use_gpu: bool = False, actors: dict | None = None) -> dict[str, np.ndarray]:
+    """Each stage actor in order on one batch, in this process. `actors` caches them across calls."""
+    from actors.base import StageContext
+    from pipeline.plan import stage_specs
+
+    actors = {} if actors is None else actors
+    for spec in stage_specs(config):
+        if spec.name not in actors:
+            actors[spec.name] = spec.actor_class()(StageContext(config=config, use_gpu=use_gpu,
+                                                                final_image=spec.final_image, options=spec.options))
+        batch = actors[spec.name](batch)
+        if spec.name == stop_after:
+            break
+    return batch
