@@ -65,11 +65,12 @@ class Measurement:
     rows: int
     span_s: float
     throughput: float
-    efficiency: float
-    bound: float
+    efficiency: float | None
+    bound: float | None
 
 
-def measure(dataset, first: str, last: str, bound: float) -> Measurement:
+def measure(dataset, first: str, last: str, bound: float | None) -> Measurement:
+    """Rows, span and throughput of a stand-in run; efficiency against `bound` (None: zero-cost stages)."""
     totals: dict[str, float] = {}
     rows = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -78,7 +79,8 @@ def measure(dataset, first: str, last: str, bound: float) -> Measurement:
     span = totals[END_PREFIX + last] - totals[BEGIN_PREFIX + first]
     throughput = rows / span
     return Measurement(rows=rows, span_s=round(span, 3), throughput=round(throughput, 4),
-                       efficiency=round(throughput / bound, 4), bound=round(bound, 4))
+                       efficiency=round(throughput / bound, 4) if bound else None,
+                       bound=round(bound, 4) if bound else None)
 
 
 def source(rows: int, block_rows: int = 100):
@@ -96,8 +98,8 @@ def run_pipeline(config, stages, plan, row_seconds: dict[str, float], rows: int,
     simulated = [dataclasses.replace(s, options={"name": s.name, "seconds_per_row": row_seconds[s.name],
                                                  "lock_dir": lock_dir}) for s in stages]
     dataset = chain_stages(source(rows, block_rows), config, simulated, plan.placements, actor_for=lambda spec: SimulatedStage)
-    bound = plan.gpus / sum(row_seconds.values())
-    return measure(dataset, stages[0].name, stages[-1].name, bound)
+    total = sum(row_seconds.values())
+    return measure(dataset, stages[0].name, stages[-1].name, plan.gpus / total if total else None)
 
 
 def run_ray_data_default(stages, row_seconds: dict[str, float], rows: int, gpus: int, batch_rows: int,
