@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -180,6 +181,7 @@ def generate(config: Config, *, progress=None) -> RunResult:
 
     new_rows = new_images = 0
     stage_work: dict[str, float] = {}
+    load_failure = None
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             new_rows += int(batch["rows"].sum())
@@ -189,12 +191,17 @@ def generate(config: Config, *, progress=None) -> RunResult:
             if progress is not None:
                 progress(new_rows, todo)
     except Exception as exc:
-        message = _stage_load_error(exc)
-        if message is None:
+        load_failure = _stage_load_error(exc)
+        if load_failure is None:
             raise
-        raise RunFailed(f"{message.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)") from None
     finally:
         printer.close()
+    if load_failure is not None:
+        # Raised outside the handler, with the dataset dropped: nothing then references the failed execution,
+        # so Ray releases its actor pools (and their GPU shares) even in a long-lived process.
+        del dataset
+        gc.collect()
+        raise RunFailed(f"{load_failure.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)")
 
     table = output.metadata(columns=["id", "status", "image_key"])
     columns = table.to_pydict() if table is not None else {"id": [], "status": [], "image_key": []}

@@ -208,3 +208,8 @@ def test_a_model_that_fails_to_load_stops_the_run_with_one_line(tiny_models, ray
     with pytest.raises(RunFailed, match=r"stage decoder could not load its model: .*karlo/decoder") as info:
         generate(load_config(None, sets, input_path=prompts, output_path=str(tmp_path / "out")))
     assert "\n" not in str(info.value) and time.time() - started < 180
+    # The failed run released its actor pools: their GPU shares are free for the next run.
+    deadline = time.time() + 60
+    while time.time() < deadline and ray_session.available_resources().get("GPU", 0) < 2:
+        time.sleep(1)
+    assert ray_session.available_resources().get("GPU", 0) == 2

@@ -69,6 +69,16 @@ def test_a_finished_run_is_reported_not_redone(tmp_path):
     assert result.already_done and result.summary["counts"]["ok"] == 1
 
 
+class Silent:
+    """No progress actor: this test runs no Ray."""
+
+    def __init__(self, *args, **kwargs):
+        self.written = 0
+
+    def close(self):
+        pass
+
+
 def test_a_run_that_lost_rows_is_not_declared_finished(tmp_path, monkeypatch):
     """If fewer rows reach the output than preflight counted (input changed or unreadable), no _SUCCESS."""
     import pipeline.run as run
@@ -79,7 +89,8 @@ def test_a_run_that_lost_rows_is_not_declared_finished(tmp_path, monkeypatch):
             return iter(())
 
     monkeypatch.setattr(run, "connect_ray", lambda: None)
-    monkeypatch.setattr(run, "cluster_resources", lambda: (2.0, 0.0))
+    monkeypatch.setattr(run, "cluster_resources", lambda: (2.0, 0.0, None))
+    monkeypatch.setattr(run, "ProgressPrinter", Silent)
     monkeypatch.setattr(run, "build_dataset", lambda *args, **kwargs: NothingCameThrough())
     out = tmp_path / "out"
     prompts = write_prompts(tmp_path / "p.parquet", ["x", "y"])
