@@ -78,7 +78,7 @@ def resolve_run(generate_args: list[str]) -> tuple[list[str], str, str]:
 
 def _replace_option(args: list[str], option: str, value: str) -> list[str]:
     out, skip = [], False
-    for i, arg in enumerate(args):
+    for arg in args:
         if skip:
             skip = False
             continue

@@ -20,6 +20,7 @@ SHEET_COLUMNS = 8
 THUMB = 128
 CAPTION_LINES = 3
 CAPTION_CHARS = 24
+REPORT_COLUMNS = ("id", "prompt", "status", "error", "rank", "clip_score", "image_key", "shard")
 
 
 def stage_figures(stages: list[dict]) -> list[dict]:
@@ -130,11 +131,15 @@ def sheet_rows(metadata: dict[str, list], limit: int = SHEET_IMAGES) -> list[dic
     return kept[:limit]
 
 
-def write_report(output, summary: dict) -> dict:
+def read_metadata(output) -> dict[str, list]:
+    """The committed metadata columns the report (and the run's final accounting) need, as lists."""
+    table = output.metadata(columns=list(REPORT_COLUMNS))
+    return table.to_pydict() if table is not None else {k: [] for k in REPORT_COLUMNS}
+
+
+def write_report(output, summary: dict, metadata: dict[str, list] | None = None) -> dict:
     """Write report.json and the contact sheet under the output path; returns the report."""
-    table = output.metadata(columns=["id", "prompt", "status", "error", "rank", "clip_score", "image_key", "shard"])
-    metadata = table.to_pydict() if table is not None else {k: [] for k in (
-        "id", "prompt", "status", "error", "rank", "clip_score", "image_key", "shard")}
+    metadata = read_metadata(output) if metadata is None else metadata
     report = build_report(summary, metadata)
     rows = sheet_rows(metadata)
     images = _read_images(output.fs, output.root, output.config.output.format, rows)

@@ -11,14 +11,12 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
-import numpy as np
-
 from pipeline import checkpoints, costs, reader, storage
 from pipeline.config import Config, redacted
 from pipeline.output import SUCCESS_FILE, OutputDir
 from pipeline.plan import Placement, StageSpec, plan_placements, stage_specs, task_cpus
 from pipeline.progress import ProgressPrinter
-from pipeline.report import REPORT_FILE, write_report
+from pipeline.report import REPORT_FILE, read_metadata, write_report
 from pipeline.writer import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, SECONDS_PREFIX, ShardWriter,
                              merge_stage_counters)
 
@@ -171,10 +169,10 @@ def generate(config: Config, *, progress=None) -> RunResult:
     configure_data_context()
     cpus, gpus, cpus_per_gpu = cluster_resources()
     stages = stage_specs(config)
-    plan = plan_placements(config, stages, cpus, gpus, _costs_for_planning(config, stages, gpus),
-                           rows=max(1, info.rows - len(state.done_ids)), cpus_per_gpu=cpus_per_gpu)
-    placements = plan.placements
     todo = info.rows - len(state.done_ids)
+    plan = plan_placements(config, stages, cpus, gpus, _costs_for_planning(config, stages, gpus),
+                           rows=max(1, todo), cpus_per_gpu=cpus_per_gpu)
+    placements = plan.placements
     board = f"unclip-progress-{uuid.uuid4().hex[:12]}"
     printer = ProgressPrinter(board, [s.name for s in stages], todo, config.run.progress_interval_s)
     dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(cpus), board)
@@ -197,14 +195,13 @@ def generate(config: Config, *, progress=None) -> RunResult:
     finally:
         printer.close()
     if load_failure is not None:
-        # Raised outside the handler, with the dataset dropped: nothing then references the failed execution,
-        # so Ray releases its actor pools (and their GPU shares) even in a long-lived process.
+        # Raised outside the handler with the dataset dropped, so fewer references keep the failed execution's
+        # actor pools alive; Ray Data may still hold them until this process exits (see the load-failure test).
         del dataset
         gc.collect()
         raise RunFailed(f"{load_failure.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)")
 
-    table = output.metadata(columns=["id", "status", "image_key"])
-    columns = table.to_pydict() if table is not None else {"id": [], "status": [], "image_key": []}
+    columns = read_metadata(output)  # read once: the accounting below and the report both use it
     row_status = dict(zip(columns["id"], columns["status"]))
     images = sum(1 for key in columns["image_key"] if key)
     if len(row_status) != info.rows:
@@ -239,6 +236,6 @@ def generate(config: Config, *, progress=None) -> RunResult:
         "versions": package_versions(),
     }
     # The report first: the summary is the commit marker of the whole run, so it is written last.
-    summary["report"] = {"file": REPORT_FILE, "contact_sheet": write_report(output, summary)["contact_sheet"]}
+    summary["report"] = {"file": REPORT_FILE, "contact_sheet": write_report(output, summary, columns)["contact_sheet"]}
     output.write_json(SUCCESS_FILE, summary)
     return RunResult(summary=summary)
