@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # The scheduling benchmark (no models): prints a table; see docs/BENCHMARKS.md for the other modes.
 bench: $(STAMP)
-	$(BIN)/python -m jobs.bench --simulate dalle2 --gpus 8 --prompts 2000
+	$(BIN)/python -m benchmarks.bench --simulate dalle2 --gpus 8 --prompts 2000
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -12,7 +14,7 @@ import torch
 
 from pipeline import checkpoints, progress, seeds
 from pipeline.config import Config
-from pipeline.writer import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, SECONDS_PREFIX
+from pipeline.writer import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ class StageContext:
     """Stage-specific wiring (e.g. which column the reranker scores)."""
     progress_board: str | None = None
     """Name of the run's progress actor (pipeline.progress); None: report metrics only."""
+    batch_images: int | None = None
+    """Images per forward pass as planned; None: the stage's configured size."""
+    memory_fraction: float | None = None
+    """Share of its GPU's memory this actor may allocate (the plan's figure); None: no cap."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -79,9 +85,20 @@ class StageActor:
         self.config = context.config
         self.settings = getattr(self.config.stages, self.name)
         use_cuda = context.use_gpu and torch.cuda.is_available()
+        if context.use_gpu and not use_cuda and os.path.exists("/dev/nvidiactl"):
+            # Given a real GPU that torch cannot use: fail the run rather than compute ~100x slower on the CPU.
+            raise StageLoadError(f"stage {self.name} on node {socket.gethostname()}: torch {torch.__version__} "
+                                 f"(CUDA {torch.version.cuda}) cannot use the GPU Ray assigned; install a torch build "
+                                 "for this node's driver")
         self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, context.num_threads))
+        elif context.memory_fraction is not None:
+            # Actors sharing a GPU each keep to their planned share, so one cannot starve the others.
+            torch.cuda.set_per_process_memory_fraction(context.memory_fraction, self.device)
+        self.batch_images = context.batch_images or self.settings.batch_images()
+        self.oom_halvings = 0
+        """Times a forward pass ran out of GPU memory and was retried as two halves."""
         self.dtype = resolve_dtype(self.settings.dtype or self.config.dtype, self.device)
         self.output_spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         """Per-image (or per-row) shape and dtype of each output; filled by load()."""
@@ -127,6 +144,7 @@ class StageActor:
         out = {k: v for k, v in batch.items() if k not in self.drops}
         candidates = self._candidates(batch)
         computed, failures = ({}, {})
+        halvings_before = self.oom_halvings
         began = time.time()
         started = time.perf_counter()
         if len(ok):
@@ -139,6 +157,9 @@ class StageActor:
         out[SECONDS_PREFIX + self.name] = busy * images / max(1, int(images.sum()))
         out[BEGIN_PREFIX + self.name] = np.full(rows, began)
         out[END_PREFIX + self.name] = np.full(rows, began + busy)
+        halvings = np.zeros(rows, dtype=np.int64)
+        halvings[0] = self.oom_halvings - halvings_before  # summed later, so one row carries the batch's count
+        out[OOM_PREFIX + self.name] = halvings
         for column, (shape, dtype) in self.output_spec.items():
             lead = (rows,) if self.per_row else (rows, candidates)
             full = np.zeros(lead + shape, dtype=dtype)
@@ -172,18 +193,41 @@ class StageActor:
                 flat[key] = np.repeat(value, per, axis=0) if per > 1 else value
         total = n_rows * per
         chunks = []
-        for start in range(0, total, self.settings.batch_size):
-            chunk = {k: v[start:start + self.settings.batch_size] for k, v in flat.items()}
-            generators = self._generators(chunk) if self.uses_generators else None
-            with torch.inference_mode():
-                result = self.run(chunk, generators)
-            if generators is not None:
-                result[GENERATOR_STATE] = np.stack([seeds.generator_state(g) for g in generators])
-            chunks.append(result)
+        start = 0
+        while start < total:
+            size = min(self.batch_images, total - start)
+            chunks.extend(self._run_chunk({k: v[start:start + size] for k, v in flat.items()}))
+            start += size
         merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         failures = self._non_finite_rows(merged, n_rows, per)
         shaped = {k: (v if self.per_row else v.reshape((n_rows, per) + v.shape[1:])) for k, v in merged.items()}
         return shaped, failures
+
+    def _run_chunk(self, chunk: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """One forward pass; out of GPU memory, the same images as two halves (each image's result does not
+        depend on its batch), and later passes of this actor stay at the smaller size."""
+        images = len(next(iter(chunk.values())))
+        generators = self._generators(chunk) if self.uses_generators else None
+        try:
+            with torch.inference_mode():
+                result = self.run(chunk, generators)
+        except torch.OutOfMemoryError:
+            if images == 1:
+                raise
+            result = None  # retried below, outside the handler, so the failed pass's tensors are freed first
+        if result is None:
+            half = (images + 1) // 2
+            self.oom_halvings += 1
+            self.batch_images = min(self.batch_images, half)
+            log.warning("%s: out of GPU memory at %d images per pass; retrying as %d + %d", self.name, images,
+                        half, images - half)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return (self._run_chunk({k: v[:half] for k, v in chunk.items()})
+                    + self._run_chunk({k: v[half:] for k, v in chunk.items()}))
+        if generators is not None:
+            result[GENERATOR_STATE] = np.stack([seeds.generator_state(g) for g in generators])
+        return [result]
 
     def _generators(self, chunk: dict[str, np.ndarray]) -> list[torch.Generator]:
         if GENERATOR_STATE in chunk:

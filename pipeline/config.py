@@ -30,10 +30,13 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _check_stage_common(stage: "StageConfig", name: str) -> None:
-    _require(isinstance(stage.batch_size, int) and stage.batch_size >= 1,
-             f"stages.{name}.batch_size must be an integer >= 1 (images per forward pass), got {stage.batch_size!r}")
-    _require(stage.num_gpus == "auto" or (isinstance(stage.num_gpus, (int, float)) and 0 <= stage.num_gpus <= 8),
-             f"stages.{name}.num_gpus must be 'auto' or a GPU fraction per actor between 0 and 8, got {stage.num_gpus!r}")
+    _require(stage.batch_size == "auto" or (isinstance(stage.batch_size, int) and not isinstance(stage.batch_size, bool)
+                                            and stage.batch_size >= 1),
+             f"stages.{name}.batch_size must be 'auto' or an integer >= 1 (images per forward pass), "
+             f"got {stage.batch_size!r}")
+    _require(stage.num_gpus == "auto" or (isinstance(stage.num_gpus, (int, float)) and 0 <= stage.num_gpus <= 1),
+             f"stages.{name}.num_gpus must be 'auto' or the GPU fraction of one actor, 0 (run on CPU) to 1, "
+             f"got {stage.num_gpus!r}")
     _require(stage.num_cpus is None or (isinstance(stage.num_cpus, (int, float)) and stage.num_cpus > 0),
              f"stages.{name}.num_cpus must be null or a positive number of CPUs per actor, got {stage.num_cpus!r}")
     _require(stage.replicas == "auto" or (isinstance(stage.replicas, int) and stage.replicas >= 1),
@@ -46,10 +49,12 @@ def _check_stage_common(stage: "StageConfig", name: str) -> None:
 class StageConfig:
     """Resources and batching shared by every stage actor pool."""
 
-    batch_size: int = 8
-    """Images per forward pass (a prompt row with N candidates counts N)."""
+    batch_size: int | str = "auto"
+    """Images per forward pass (a prompt row with N candidates counts N); 'auto': the planner picks the size
+    that amortises the per-batch overhead within the GPU's memory (`auto_batch` without GPU memory figures)."""
     num_gpus: float | str = "auto"
-    """GPU fraction each actor holds; 'auto' lets the planner share GPUs by stage cost. Ignored without GPUs."""
+    """GPU fraction each actor holds (at most 1; 0 runs the stage on CPU); 'auto' lets the planner share GPUs
+    by stage cost. Ignored without GPUs."""
     num_cpus: float | None = None
     """CPUs each actor holds; null: 1 on GPU clusters, a planned share on CPU-only clusters."""
     replicas: int | str = "auto"
@@ -57,8 +62,15 @@ class StageConfig:
     dtype: str | None = None
     """fp32, fp16 or bf16; null uses the top-level `dtype`."""
 
+    auto_batch: typing.ClassVar[int] = 8
+    """What batch_size 'auto' means when the planner has no memory figures (CPU runs, unknown GPU)."""
+
     def __post_init__(self) -> None:
         _check_stage_common(self, self._name())
+
+    def batch_images(self) -> int:
+        """The configured batch size, with 'auto' read as the stage's fallback size."""
+        return self.auto_batch if self.batch_size == "auto" else self.batch_size
 
     def _name(self) -> str:
         return getattr(self, "_stage_name", "<stage>")
@@ -78,7 +90,7 @@ class TextEncoderStageConfig(StageConfig):
     """CLIP text encoder: tokenizes prompts and embeds them once per prompt."""
 
     _stage_name = "text_encoder"
-    batch_size: int = 64
+    auto_batch = 64
 
 
 @dataclass
@@ -90,7 +102,7 @@ class PriorStageConfig(StageConfig):
     """Sampling steps (Karlo default 25)."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale; <= 1 disables guidance."""
-    batch_size: int = 32
+    auto_batch = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,7 +118,7 @@ class DecoderStageConfig(StageConfig):
     """Sampling steps (Karlo default 25)."""
     guidance_scale: float = 8.0
     """Classifier-free guidance scale; <= 1 disables guidance."""
-    batch_size: int = 8
+    auto_batch = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,7 +132,7 @@ class Upsampler256StageConfig(StageConfig):
     _stage_name = "upsampler_256"
     steps: int = 7
     """Sampling steps (Karlo default 7)."""
-    batch_size: int = 4
+    auto_batch = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,7 +150,7 @@ class Upsampler1024StageConfig(StageConfig):
     """Classifier-free guidance scale (upscaler default 9)."""
     noise_level: int = 20
     """Noise added to the low-res input, 0..max_noise_level of the checkpoint (default 20)."""
-    batch_size: int = 1
+    auto_batch = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,7 +164,7 @@ class RerankerStageConfig(StageConfig):
     """CLIP reranker: scores every candidate of a prompt and keeps the best `rerank.keep`."""
 
     _stage_name = "reranker"
-    batch_size: int = 32
+    auto_batch = 32
 
 
 @dataclass
@@ -274,7 +286,16 @@ class OutputConfig:
 
 @dataclass
 class RunConfig:
-    """Naming of scheduled runs."""
+    """The cluster a run plans for, naming of scheduled runs, progress."""
+
+    gpus: int | str = "auto"
+    """GPUs the run plans for and reserves: 'auto' = what the autoscaler can scale to when the cluster has one,
+    else the GPUs the cluster has now; a number asks for exactly that many (0: CPU only)."""
+    gpu_wait_s: float = 900.0
+    """How long to wait for the planned GPUs (autoscaler start-up included) before failing."""
+    gpu_kind: str = "auto"
+    """GPU model for memory and speed figures (t4, a10g, l4, a100-40gb, a100-80gb, h100-80gb); 'auto' reads
+    the GPU's memory on the cluster."""
 
     window: str | None = None
     """The run's window (e.g. a date); substituted for {window} in input.path and output.path. 'auto': now."""
@@ -284,6 +305,15 @@ class RunConfig:
     """Seconds between progress lines (one per stage) when stderr is not a terminal."""
 
     def __post_init__(self) -> None:
+        _require(self.gpus == "auto" or (isinstance(self.gpus, int) and not isinstance(self.gpus, bool)
+                                         and self.gpus >= 0),
+                 f"run.gpus must be 'auto' or a number of GPUs >= 0, got {self.gpus!r}")
+        _require(isinstance(self.gpu_wait_s, (int, float)) and self.gpu_wait_s >= 0,
+                 f"run.gpu_wait_s must be a number of seconds >= 0, got {self.gpu_wait_s!r}")
+        from pipeline.costs import GPU_KINDS
+
+        _require(self.gpu_kind == "auto" or self.gpu_kind in GPU_KINDS,
+                 f"run.gpu_kind must be 'auto' or one of {', '.join(GPU_KINDS)}, got {self.gpu_kind!r}")
         _require(self.window is None or (isinstance(self.window, str) and self.window != ""),
                  f"run.window must be a string such as 2026-11-24 or 'auto', got {self.window!r}")
         _require(self.window_granularity in window.FORMATS,

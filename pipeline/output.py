@@ -76,26 +76,35 @@ class OutputDir:
     def is_empty(self) -> bool:
         return not storage.listdir(self.fs, self.root)
 
-    def prepare(self) -> ResumeState:
-        """Apply output.mode, check the recorded run matches, and load what earlier attempts committed."""
+    def check(self) -> dict | None:
+        """The read-only part of `prepare`, safe before any resource is held: refuses an output the run may
+        not use, and returns the summary of a run that already finished here (None otherwise)."""
         mode = self.config.output.mode
         url = self.config.output.path
         if mode == "error_if_exists" and not self.is_empty():
             raise OutputError(f"output {url} already has content and output.mode=error_if_exists; "
                               "choose another output path or set output.mode=resume or overwrite")
-        if mode == "overwrite" and not self.is_empty():
-            storage.with_retries(lambda: self.fs.rm(self.root, recursive=True), what=f"delete {url}")
+        if mode == "overwrite":
+            return None
         recorded = self.read_json(RUN_FILE)
-        identity = run_identity(self.config)
         if recorded is not None:
-            differ = differing_keys(recorded.get("identity", {}), identity)
+            differ = differing_keys(recorded.get("identity", {}), run_identity(self.config))
             if differ:
                 raise OutputError(f"output {url} holds a run with different settings ({', '.join(differ)}); "
                                   "rerun with the recorded settings, use another output path, or set "
                                   "output.mode=overwrite")
-        state = ResumeState(finished=self.read_json(SUCCESS_FILE))
+        return self.read_json(SUCCESS_FILE)
+
+    def prepare(self) -> ResumeState:
+        """Apply output.mode, check the recorded run matches, and load what earlier attempts committed."""
+        state = ResumeState(finished=self.check())
         if state.finished is not None:
             return state
+        if self.config.output.mode == "overwrite" and not self.is_empty():
+            url = self.config.output.path
+            storage.with_retries(lambda: self.fs.rm(self.root, recursive=True), what=f"delete {url}")
+        recorded = self.read_json(RUN_FILE)
+        identity = run_identity(self.config)
         if recorded is None:
             self.write_json(RUN_FILE, {"identity": identity})
         self._remove_in_progress()

@@ -1,25 +1,40 @@
-"""Planning: the stage list as data, and each stage's actor-pool placement (replicas, GPU and CPU shares, batches)."""
+"""Planning: the stage list as data, and where each stage's actors go (GPU bundles, GPU shares, batches)."""
 
 from __future__ import annotations
 
-import itertools
+import heapq
 import math
 from dataclasses import dataclass, field
 
 from pipeline.config import Config, ConfigError
+from pipeline.costs import CUDA_CONTEXT_GB, StageCost
 
 GPU_GRANULARITY = 0.001
-REPLICA_OPTIONS = 5
-"""Replica counts tried per auto stage, from the fewest that can carry its share upwards."""
-SMALL_SHARE = 0.1
-"""A stage needing less than this many GPUs gets one actor."""
+MEMORY_MARGIN = 0.9
+"""Share of a GPU's memory a layout may plan to fill: the allocator's fragmentation and cuDNN/cuBLAS
+workspaces take the rest."""
+OVERHEAD_SHARE = 0.05
+"""batch_size 'auto' with memory figures: the smallest batch whose per-batch overhead is at most this share
+of the batch's time (larger batches only cost memory and pipeline latency)."""
+MAX_AUTO_BATCH = 64
 TASK_CPUS_RESERVED = 1.0
-MIN_CPU_SHARE = 0.05
+ACTOR_CPUS_PER_GPU = 2.0
+"""CPUs reserved with each GPU for its actors: they feed the GPU one at a time, so more would only take CPUs
+from the read, encode and write tasks."""
+MIN_CPU_SHARE = 0.01
 
 
 def task_cpus(cluster_cpus: float) -> float:
     """CPUs each read or write task asks for: a share of the reserved CPU on small machines, else one."""
     return 1.0 if cluster_cpus >= 8 else TASK_CPUS_RESERVED / 4
+
+
+def bundle_cpus(cluster: ClusterShape) -> float:
+    """CPUs reserved with each GPU for the actors on it; the rest of its node's CPUs stay free for read and
+    write tasks."""
+    per_gpu = cluster.cpus_per_gpu if cluster.cpus_per_gpu is not None else cluster.cpus / max(1, cluster.gpus)
+    free = per_gpu - min(TASK_CPUS_RESERVED, per_gpu / 4)
+    return max(MIN_CPU_SHARE, math.floor(min(ACTOR_CPUS_PER_GPU, free) * 100) / 100)
 
 
 @dataclass
@@ -59,6 +74,18 @@ def stage_specs(config: Config) -> list[StageSpec]:
     return stages
 
 
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the planner plans for."""
+
+    cpus: float
+    gpus: int
+    """GPUs the run reserves (what the cluster has now, or what its autoscaler can add)."""
+    cpus_per_gpu: float | None = None
+    """Fewest CPUs per GPU on any GPU node type; None: spread evenly (cpus / gpus)."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU; None: unknown (fake GPUs, or no figure), so memory is not checked."""
+
 
 @dataclass
 class Placement:
@@ -68,9 +95,25 @@ class Placement:
     num_gpus: float
     num_cpus: float
     batch_rows: int
-    """Rows per Ray Data batch: stage batch_size (images) over the images each row carries."""
+    """Rows per Ray Data batch: the stage's images per forward pass over the images each row carries."""
+    batch_images: int
+    """Images per forward pass."""
     threads: int
     """torch intra-op threads per actor when computing on CPU."""
+    bundles: list[int] = field(default_factory=list)
+    """GPU bundle (index into the run's placement group) of each replica, in start order; empty on CPU."""
+    memory_fraction: float | None = None
+    """Share of its GPU's memory the actor may allocate; None: no cap (CPU, or GPU memory unknown)."""
+
+
+@dataclass
+class GpuGroup:
+    """GPUs that all host one actor of each of the same stages."""
+
+    stages: list[str]
+    bundles: list[int]
+    memory_gb: float
+    """Planned peak memory on each of its GPUs (weights, activations at the planned batches, CUDA contexts)."""
 
 
 @dataclass
@@ -79,197 +122,325 @@ class Plan:
 
     placements: dict[str, Placement]
     row_costs: dict[str, float]
-    """GPU-seconds per row of each stage (per image x images per row)."""
-    gpus: float
+    """GPU-seconds per row of each stage at its planned batch (per image x images per row)."""
+    gpus: int
+    layout: str = "cpu"
+    """'cpu' (no GPUs), 'co-located' (every GPU hosts every stage), 'dedicated' (each stage its own GPUs),
+    'mixed' (some stages share GPUs), or 'fixed' (every stage placed by its own settings)."""
+    groups: list[GpuGroup] = field(default_factory=list)
+    bundle_cpus: float = 0.0
+    """CPUs reserved with each GPU bundle, shared by the actors on that GPU."""
+    gpu_memory_gb: float | None = None
     bound: float | None = None
     """Rows/s no schedule can beat on these GPUs: G / sum of row costs."""
     predicted: float | None = None
-    """Rows/s this plan should reach on `rows` rows: its slowest stage, plus the pipeline's drain time."""
+    """Rows/s this plan should reach on `rows` rows: its slowest GPU group, plus the pipeline's drain."""
 
     def table(self) -> str:
         lines = [f"{'stage':16s} {'GPU-s/row':>10s} {'replicas':>8s} {'num_gpus':>8s} {'GPUs':>6s} "
-                 f"{'rows/s':>8s} {'batch':>6s}"]
+                 f"{'batch':>6s} {'mem cap':>7s}"]
         for name, p in self.placements.items():
-            cost = self.row_costs.get(name, 0.0)
-            rate = p.replicas * p.num_gpus / cost if cost and p.num_gpus else float("nan")
-            lines.append(f"{name:16s} {cost:10.4f} {p.replicas:8d} {p.num_gpus:8.3f} {p.replicas * p.num_gpus:6.2f} "
-                         f"{rate:8.3f} {p.batch_rows:6d}")
+            cap = f"{p.memory_fraction:.2f}" if p.memory_fraction else "-"
+            lines.append(f"{name:16s} {self.row_costs.get(name, 0.0):10.4f} {p.replicas:8d} {p.num_gpus:8.3f} "
+                         f"{p.replicas * p.num_gpus:6.2f} {p.batch_images:6d} {cap:>7s}")
+        memory = f" of {self.gpu_memory_gb:g} GB" if self.gpu_memory_gb else " (GPU memory unknown: not checked)"
+        for group in self.groups:
+            lines.append(f"GPUs {_ranges(group.bundles)}: {' + '.join(group.stages)}; "
+                         f"{group.memory_gb:.1f} GB planned per GPU{memory}")
         if self.bound:
-            lines.append(f"bound {self.bound:.3f} rows/s on {self.gpus:g} GPUs; plan predicts {self.predicted:.3f} "
-                         f"rows/s ({self.predicted / self.bound:.1%} of the bound)")
+            lines.append(f"layout {self.layout}; bound {self.bound:.3f} rows/s on {self.gpus} GPUs; plan predicts "
+                         f"{self.predicted:.3f} rows/s ({self.predicted / self.bound:.1%} of the bound)")
         return "\n".join(lines)
 
+    def bundle_of_actors(self) -> dict[int, list[str]]:
+        """Which stage actors each GPU bundle hosts."""
+        hosted: dict[int, list[str]] = {}
+        for name, p in self.placements.items():
+            for bundle in p.bundles:
+                hosted.setdefault(bundle, []).append(name)
+        return hosted
 
-def plan_placements(config: Config, stages: list[StageSpec], cluster_cpus: float, cluster_gpus: float,
-                    image_costs: dict[str, float] | None = None, rows: int = 10_000,
-                    cpus_per_gpu: float | None = None) -> Plan:
-    """Replicas, GPU fractions and batches per stage.
 
-    With GPUs, `auto` stages share them by cost: the search tries replica counts per stage, gives each
-    stage the GPU fraction its share needs, keeps only layouts that Ray can place (fractional actors are
-    packed best-fit in pool order and cannot span GPUs), and picks the one predicted to finish `rows` soonest
-    (slowest stage, plus the drain time of batches still in the pipeline). Without GPUs, no stage asks for one.
-    A GPU actor asks for CPUs in proportion to its GPU share (`cpus_per_gpu`: the fewest CPUs per GPU on any
-    GPU node), so wherever its GPU share fits, its CPUs fit too, with some left for read and write tasks.
+def _ranges(indices: list[int]) -> str:
+    return f"{indices[0]}" if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
+
+
+def plan_placements(config: Config, stages: list[StageSpec], cluster: ClusterShape, costs: dict | None = None,
+                    rows: int = 10_000) -> Plan:
+    """Replicas, GPU bundles, shares and batches per stage.
+
+    `costs` maps stage names to `pipeline.costs.StageCost` (time per batch and memory); missing stages cost
+    nothing. Without GPUs no stage asks for one. With GPUs, stages whose `num_gpus` the user set are placed
+    as asked, first-fit onto GPUs of their own; the other stages are split into groups that share GPUs, each
+    GPU of a group hosting one actor of every stage in it, and the GPUs are shared among groups in
+    proportion to their cost. One group of every stage (co-located) balances by construction and wins
+    whenever the models fit on one GPU together; otherwise, or where larger batches on GPUs of their own
+    pay more than the balance, several groups (dedicated or mixed) do. Every actor is pinned to its GPU
+    bundle, so the layout is exactly what runs.
     """
+    costs = {name: costs.get(name, StageCost()) if costs else StageCost() for name in (s.name for s in stages)}
     settings = {s.name: getattr(config.stages, s.name) for s in stages}
-    batch_rows = {s.name: max(1, settings[s.name].batch_size // s.images_per_row) for s in stages}
-    image_costs = image_costs or {s.name: 1.0 for s in stages}
-    row_costs = {s.name: image_costs.get(s.name, 0.0) * s.images_per_row for s in stages}
-    bound = predicted = None
-    if cluster_gpus >= 1:
-        gpus_of, replicas = _search(stages, settings, row_costs, batch_rows, int(cluster_gpus), rows)
-        total = sum(row_costs.values())
-        bound = int(cluster_gpus) / total if total else None
-        predicted = _predicted_rate(gpus_of, replicas, row_costs, batch_rows, rows)
-    else:
-        replicas = {n: 1 if s.replicas == "auto" else s.replicas for n, s in settings.items()}
-        gpus_of = {n: 0.0 for n in settings}
+    if cluster.gpus < 1:
+        return _plan_cpu(stages, settings, costs, cluster)
+    return _Planner(stages, settings, costs, cluster, rows).plan()
+
+
+def _plan_cpu(stages, settings, costs, cluster: ClusterShape) -> Plan:
+    replicas = {s.name: 1 if settings[s.name].replicas == "auto" else settings[s.name].replicas for s in stages}
     actors = sum(replicas.values())
     # Keep one CPU for Ray Data's own tasks (file listing asks for a whole CPU, then reads and writes),
     # or a small machine deadlocks with every CPU held by an idle actor.
-    cpu_share = min(1.0, max(MIN_CPU_SHARE, (cluster_cpus - TASK_CPUS_RESERVED) / actors))
-    threads = max(1, int(cluster_cpus // max(1, actors))) if cluster_gpus < 1 else 1
-    per_gpu = cpus_per_gpu if cpus_per_gpu is not None else cluster_cpus / max(1.0, cluster_gpus)
-    per_gpu_for_actors = max(0.0, per_gpu - min(TASK_CPUS_RESERVED, per_gpu / 4))
-    placements = {}
-    for stage in stages:
-        s = settings[stage.name]
-        share = cpu_share if gpus_of[stage.name] == 0 else min(1.0, gpus_of[stage.name] * per_gpu_for_actors)
-        placements[stage.name] = Placement(
-            replicas=replicas[stage.name], num_gpus=gpus_of[stage.name],
+    share = min(1.0, max(0.05, (cluster.cpus - TASK_CPUS_RESERVED) / actors))
+    threads = max(1, int(cluster.cpus // max(1, actors)))
+    placements, row_costs = {}, {}
+    for s in stages:
+        batch = settings[s.name].batch_images()
+        row_costs[s.name] = costs[s.name].seconds_per_image_at(batch) * s.images_per_row
+        placements[s.name] = Placement(
+            replicas=replicas[s.name], num_gpus=0.0,
             # Rounded down: shares that sum past the reserve would starve the listing task again.
-            num_cpus=s.num_cpus if s.num_cpus is not None else max(MIN_CPU_SHARE, math.floor(share * 100) / 100),
-            batch_rows=batch_rows[stage.name], threads=threads,
-        )
-    return Plan(placements=placements, row_costs=row_costs, gpus=cluster_gpus, bound=bound, predicted=predicted)
+            num_cpus=settings[s.name].num_cpus or max(0.05, math.floor(share * 100) / 100),
+            batch_rows=max(1, batch // s.images_per_row), batch_images=batch, threads=threads)
+    return Plan(placements=placements, row_costs=row_costs, gpus=0)
 
 
-def _predicted_rate(gpus_of, replicas, row_costs, batch_rows, rows) -> float:
-    steady = min(replicas[n] * gpus_of[n] / c for n, c in row_costs.items() if c > 0)
-    drain = sum(batch_rows[n] * c / gpus_of[n] for n, c in row_costs.items() if c > 0)
-    return rows / (rows / steady + drain)
+class _Planner:
+    """The GPU layout search; one instance per plan."""
+
+    def __init__(self, stages, settings, costs, cluster: ClusterShape, rows: int):
+        self.stages, self.settings, self.costs, self.cluster, self.rows = stages, settings, costs, cluster, rows
+        self.per_row = {s.name: s.images_per_row for s in stages}
+        self.memory = cluster.gpu_memory_gb
+        self.bundle_cpus = bundle_cpus(cluster)
+
+    # ------------------------------------------------------------ costs at a batch size
+
+    def batch_for(self, name: str, budget_gb: float | None) -> int:
+        """Images per forward: the configured size, or for 'auto' the overhead-amortising size within memory."""
+        setting, cost = self.settings[name], self.costs[name]
+        if setting.batch_size != "auto":
+            return setting.batch_size
+        if budget_gb is None or cost.seconds_per_image <= 0:
+            return setting.auto_batch
+        wanted = math.ceil(cost.batch_overhead_s * (1 - OVERHEAD_SHARE) / (OVERHEAD_SHARE * cost.seconds_per_image))
+        return max(1, min(MAX_AUTO_BATCH, wanted))
+
+    def row_cost(self, name: str, batch: int) -> float:
+        return self.costs[name].seconds_per_image_at(batch) * self.per_row[name]
+
+    def actor_memory(self, name: str, batch: int) -> float:
+        return self.costs[name].memory_gb(batch) + CUDA_CONTEXT_GB
+
+    def fit_batches(self, names: list[str]) -> dict[str, int] | None:
+        """Batches for stages sharing one GPU, halving the hungriest 'auto' batch until they fit; None if
+        they cannot fit even then."""
+        batches = {n: self.batch_for(n, self.memory) for n in names}
+        if self.memory is None:
+            return batches
+        budget = self.memory * MEMORY_MARGIN
+        while sum(self.actor_memory(n, b) for n, b in batches.items()) > budget:
+            shrinkable = [n for n in names if self.settings[n].batch_size == "auto" and batches[n] > 1]
+            if not shrinkable:
+                return None
+            hungriest = max(shrinkable, key=lambda n: self.costs[n].activation_gb_per_image * batches[n])
+            batches[hungriest] //= 2
+        return batches
+
+    # ------------------------------------------------------------ the plan
+
+    def plan(self) -> Plan:
+        gpu_stages = [s.name for s in self.stages if self.settings[s.name].num_gpus != 0]
+        cpu_stages = [s.name for s in self.stages if self.settings[s.name].num_gpus == 0]
+        pinned = [n for n in gpu_stages if self.settings[n].num_gpus != "auto" or self.settings[n].replicas != "auto"]
+        auto = [n for n in gpu_stages if n not in pinned]
+        batches = {n: self.batch_for(n, None) for n in cpu_stages}
+        slots: dict[int, list[tuple[str, float]]] = {}
+        placed_bundles = self._place_pinned(pinned, auto, batches, slots)
+        free = self.cluster.gpus - placed_bundles
+        groups: list[GpuGroup] = []
+        if auto:
+            if free < 1:
+                raise ConfigError(f"the stages with fixed num_gpus/replicas take all {self.cluster.gpus} GPU(s) and "
+                                  f"leave none for {', '.join(auto)}; lower their replicas or set them to auto")
+            partition, counts, group_batches = self._best_partition(auto, free)
+            batches.update(group_batches)
+            next_bundle = placed_bundles
+            for stages_in, count in zip(partition, counts):
+                bundles = list(range(next_bundle, next_bundle + count))
+                next_bundle += count
+                shares = self._shares(stages_in, batches)
+                for bundle in bundles:
+                    slots[bundle] = [(n, shares[n]) for n in stages_in]
+                groups.append(GpuGroup(stages_in, bundles, sum(self.actor_memory(n, batches[n]) for n in stages_in)))
+        return self._assemble(groups, slots, batches, cpu_stages, pinned, auto)
+
+    def _place_pinned(self, pinned, auto, batches, slots) -> int:
+        """First-fit (largest share first) of the user-placed stages' actors onto GPUs of their own."""
+        if not pinned:
+            return 0
+        total = sum(self.row_cost(n, self.batch_for(n, self.memory)) for n in pinned + auto)
+        rate = self.cluster.gpus / total if total else 0.0  # rows/s were every GPU-second useful
+        actors = []
+        for name in pinned:
+            s = self.settings[name]
+            batches[name] = self.batch_for(name, self.memory)
+            need = rate * self.row_cost(name, batches[name])  # GPUs the stage needs to keep up
+            if s.num_gpus != "auto":
+                share = float(s.num_gpus)
+                count = s.replicas if s.replicas != "auto" else max(1, math.ceil(need / share - 1e-9))
+            else:
+                count = s.replicas
+                share = min(1.0, max(GPU_GRANULARITY, math.ceil(need / count / GPU_GRANULARITY) * GPU_GRANULARITY))
+            actors += [(share, name)] * count
+        asked = sum(share for share, _ in actors)
+        if asked > self.cluster.gpus + 1e-9:
+            raise ConfigError(f"stages ask for {asked:g} GPUs (num_gpus x replicas) but the run has "
+                              f"{self.cluster.gpus}; lower stages.<stage>.num_gpus or replicas, or set them to auto")
+        used = 0
+        for share, name in sorted(actors, key=lambda a: -a[0]):
+            fits = [b for b in range(used) if sum(f for _, f in slots[b]) + share <= 1 + 1e-9
+                    and self._fits_memory([n for n, _ in slots[b]] + [name], batches)]
+            if fits:
+                slots[fits[0]].append((name, share))
+                continue
+            if used >= self.cluster.gpus:
+                raise ConfigError(f"the fixed stage settings cannot be placed on {self.cluster.gpus} GPU(s): each "
+                                  "actor must fit on one GPU beside the others; lower stages.<stage>.num_gpus or "
+                                  "replicas, or set them to auto")
+            if not self._fits_memory([name], batches):
+                raise ConfigError(self._too_big(name, batches[name]))
+            slots[used] = [(name, share)]
+            used += 1
+        return used
+
+    def _fits_memory(self, names, batches) -> bool:
+        return self.memory is None or (
+            sum(self.actor_memory(n, batches[n]) for n in names) <= self.memory * MEMORY_MARGIN)
+
+    def _too_big(self, name, batch) -> str:
+        return (f"stage {name} needs {self.actor_memory(name, batch):.1f} GB at batch {batch} but a GPU has "
+                f"{self.memory:g} GB ({MEMORY_MARGIN:.0%} usable); lower stages.{name}.batch_size, use "
+                f"dtype fp16, or larger GPUs")
+
+    def _best_partition(self, names: list[str], gpus: int):
+        """The grouping of stages onto GPUs with the highest steady rate; fewer groups win ties."""
+        best = None
+        for partition in _set_partitions(names):
+            if len(partition) > gpus:
+                continue
+            group_batches = {}
+            for group in partition:
+                fitted = self.fit_batches(group)
+                if fitted is None:
+                    break
+                group_batches.update(fitted)
+            else:
+                group_costs = [sum(self.row_cost(n, group_batches[n]) for n in group) for group in partition]
+                counts = _share_gpus(group_costs, gpus)
+                rate = min((c / cost for c, cost in zip(counts, group_costs) if cost > 0), default=float("inf"))
+                key = (rate * (1 - 1e-9), -len(partition))
+                if best is None or key > best[0]:
+                    ordered = [sorted(g, key=names.index) for g in partition]
+                    best = (key, ordered, counts, group_batches)
+        if best is None:
+            alone = [n for n in names if self.fit_batches([n]) is None]
+            smallest = {n: 1 if self.settings[n].batch_size == "auto" else self.settings[n].batch_size for n in alone}
+            raise ConfigError(self._too_big(alone[0], smallest[alone[0]]) if alone else
+                              f"the stages cannot be placed on {gpus} GPU(s)")
+        return best[1], best[2], best[3]
+
+    def _shares(self, names, batches) -> dict[str, float]:
+        """GPU fractions of co-hosted actors, in proportion to their cost (accounting only: they are pinned)."""
+        costs = {n: self.row_cost(n, batches[n]) for n in names}
+        total = sum(costs.values())
+        steps = {n: max(1, math.floor((c / total if total else 1 / len(names)) / GPU_GRANULARITY)) for n, c in costs.items()}
+        # The rounding remainder goes to the costliest stage: the GPU is then full, so an actor Ray restarts
+        # can only land on its own GPU.
+        costliest = max(names, key=lambda n: costs[n])
+        steps[costliest] += round(1 / GPU_GRANULARITY) - sum(steps.values())
+        return {n: round(k * GPU_GRANULARITY, 6) for n, k in steps.items()}
+
+    def _assemble(self, groups, slots, batches, cpu_stages, pinned, auto) -> Plan:
+        placements, row_costs = {}, {}
+        for spec in self.stages:
+            name, s = spec.name, self.settings[spec.name]
+            batch = batches[name]
+            row_costs[name] = self.row_cost(name, batch)
+            bundles = [b for b in sorted(slots) for n, _ in slots[b] if n == name]
+            shares = [f for b in sorted(slots) for n, f in slots[b] if n == name]
+            if name in cpu_stages:
+                placements[name] = Placement(replicas=1 if s.replicas == "auto" else s.replicas, num_gpus=0.0,
+                                             num_cpus=s.num_cpus or 1.0, batch_rows=max(1, batch // spec.images_per_row),
+                                             batch_images=batch, threads=1)
+                continue
+            share = max(shares)
+            cpus = s.num_cpus or min(self._split_cpus(slots[b])[name] for b in set(bundles))
+            memory = (min(1.0, self.actor_memory(name, batch) / self.memory) if self.memory else None)
+            placements[name] = Placement(replicas=len(bundles), num_gpus=share, num_cpus=cpus,
+                                         batch_rows=max(1, batch // spec.images_per_row), batch_images=batch,
+                                         threads=1, bundles=bundles, memory_fraction=memory)
+        for bundle, hosted in slots.items():
+            need = sum(placements[n].num_cpus for n, _ in hosted)
+            if need > self.bundle_cpus + 1e-9:
+                raise ConfigError(f"the actors on GPU {bundle} ({', '.join(n for n, _ in hosted)}) ask for {need:g} CPUs "
+                                  f"but a GPU comes with {self.bundle_cpus:g}; lower stages.<stage>.num_cpus")
+        if pinned:
+            for bundle in sorted({b for n in pinned for b in placements[n].bundles}):
+                hosted = [n for n, _ in slots[bundle]]
+                groups.insert(0, GpuGroup(hosted, [bundle], sum(self.actor_memory(n, batches[n]) for n in hosted)))
+        gpu_costs = {n: c for n, c in row_costs.items() if n not in cpu_stages}
+        total = sum(gpu_costs.values())
+        bound = self.cluster.gpus / total if total else None
+        layout = ("fixed" if not auto else "co-located" if len(groups) == 1 and not pinned
+                  else "dedicated" if all(len(g.stages) == 1 for g in groups) else "mixed")
+        plan = Plan(placements=placements, row_costs=row_costs, gpus=self.cluster.gpus, layout=layout,
+                    groups=groups, bundle_cpus=self.bundle_cpus, gpu_memory_gb=self.memory, bound=bound)
+        plan.predicted = self._predicted(plan, gpu_costs) if bound else None
+        return plan
+
+    def _split_cpus(self, hosted: list[tuple[str, float]]) -> dict[str, float]:
+        """CPUs per actor on one GPU: a hundredth each, and the rest of the GPU's CPUs by GPU share."""
+        fixed = [(n, f) for n, f in hosted if self.settings[n].num_cpus]
+        shared = [(n, f) for n, f in hosted if not self.settings[n].num_cpus]
+        free = self.bundle_cpus - sum(self.settings[n].num_cpus for n, _ in fixed) - MIN_CPU_SHARE * len(shared)
+        cpus: dict[str, float] = {n: self.settings[n].num_cpus for n, _ in fixed}
+        for name, share in shared:
+            each = MIN_CPU_SHARE + math.floor(max(0.0, free) * share * 100) / 100
+            cpus[name] = min(cpus.get(name, each), each)
+        return cpus
+
+    def _predicted(self, plan: Plan, gpu_costs: dict[str, float]) -> float:
+        """Steady rate of the slowest group (time on a shared GPU is split by demand) plus the drain."""
+        rates = []
+        for group in plan.groups:
+            cost = sum(gpu_costs.get(n, 0.0) for n in group.stages)
+            if cost > 0:
+                rates.append(len(group.bundles) / cost)
+        steady = min(rates) if rates else float("inf")
+        # The last rows pass every stage one batch after another, on GPUs that are otherwise idle by then.
+        drain = sum(plan.placements[n].batch_rows * c for n, c in gpu_costs.items())
+        return self.rows / (self.rows / steady + drain)
 
 
-def _search(stages, settings, row_costs, batch_rows, gpus: int, rows: int):
-    order = [s.name for s in stages]
-    total = sum(row_costs.values()) or 1.0
-    best_rate = len(order) and gpus / total  # rows/s if every GPU-second went to useful work
-    fixed_gpus = sum(s.num_gpus * s.replicas for s in settings.values()
-                     if s.num_gpus != "auto" and s.replicas != "auto")
-    if fixed_gpus > gpus + 1e-9:
-        raise ConfigError(f"stages ask for {fixed_gpus:g} GPUs (num_gpus x replicas) but the cluster has {gpus}; "
-                          "lower stages.<stage>.num_gpus or replicas, or set them to auto")
-
-    def options(name):
-        s = settings[name]
-        if s.replicas != "auto":
-            return [s.replicas]
-        if s.num_gpus != "auto":
-            return [None]  # derived from the rate: as many fixed-size actors as the share needs
-        need = best_rate * row_costs[name]
-        if need < SMALL_SHARE:
-            return [1]  # a sliver of one GPU: more actors would only add model copies
-        first = max(1, math.ceil(need - 1e-9))
-        # The fewest actors that can carry the share, a few more, and many small ones that fill the gaps
-        # whole-GPU-sized actors leave behind.
-        counts = set(range(first, first + REPLICA_OPTIONS)) | {gpus, 2 * gpus}
-        return sorted(c for c in counts if first <= c <= 4 * gpus)
-
-    # Best-first: rank replica combinations by what they could reach if packing cost nothing, then find
-    # the real (placeable) rate of each, stopping once no remaining combination could beat the best found.
-    ranked = []
-    for combo in itertools.product(*(options(n) for n in order)):
-        counts = dict(zip(order, combo))
-        optimistic = _optimistic_rate(order, settings, row_costs, counts, batch_rows, best_rate, rows)
-        if optimistic is not None:
-            ranked.append((-optimistic, sum(c or 0 for c in combo), counts))
-    ranked.sort(key=lambda item: item[:2])
-    best = None
-    for negative_bound, _, counts in ranked:
-        if best is not None and -negative_bound <= best[0][0] * -1 + 1e-12:
-            break
-        layout = _largest_feasible(order, settings, row_costs, counts, gpus, best_rate)
-        if layout is None:
-            continue
-        gpus_of, replicas = layout
-        rate = _predicted_rate(gpus_of, replicas, row_costs, batch_rows, rows)
-        key = (-rate, sum(replicas.values()))
-        if best is None or key < best[0]:
-            best = (key, gpus_of, replicas)
-    if best is None:
-        raise ConfigError(f"the stage settings cannot be placed on {gpus} GPU(s) (each fractional actor must fit on "
-                          "one GPU); lower stages.<stage>.num_gpus or replicas, or set them to auto")
-    return best[1], best[2]
+def _share_gpus(group_costs: list[float], gpus: int) -> list[int]:
+    """Whole GPUs per group, one each, then each further GPU to the group that is slowest so far."""
+    counts = [1] * len(group_costs)
+    seconds_per_row = [(-cost, i) for i, cost in enumerate(group_costs)]
+    heapq.heapify(seconds_per_row)
+    for _ in range(gpus - len(group_costs)):
+        _, i = heapq.heappop(seconds_per_row)
+        counts[i] += 1
+        heapq.heappush(seconds_per_row, (-group_costs[i] / counts[i], i))
+    return counts
 
 
-def _optimistic_rate(order, settings, row_costs, counts, batch_rows, best_rate, rows):
-    """An upper bound on what a replica combination can predict (fractions capped at one GPU, no packing)."""
-    layout = _layout_at(best_rate, order, settings, row_costs, counts, cap=True)
-    return None if layout is None else _predicted_rate(*layout, row_costs, batch_rows, rows)
-
-
-def _layout_at(rate, order, settings, row_costs, counts, cap: bool = False):
-    gpus_of, replicas = {}, {}
-    for name in order:
-        s = settings[name]
-        need = rate * row_costs[name]  # GPUs the stage needs to carry `rate` rows/s
-        if s.num_gpus != "auto" and s.replicas != "auto":
-            gpus_of[name], replicas[name] = float(s.num_gpus), s.replicas
-        elif s.num_gpus != "auto":
-            gpus_of[name] = float(s.num_gpus)
-            replicas[name] = max(1, math.ceil(need / gpus_of[name] - 1e-9)) if gpus_of[name] > 0 else 1
-        else:
-            replicas[name] = counts[name]
-            fraction = math.ceil(need / counts[name] / GPU_GRANULARITY - 1e-9) * GPU_GRANULARITY
-            if fraction > 1:
-                if not cap:
-                    return None
-                fraction = 1.0
-            gpus_of[name] = max(GPU_GRANULARITY, fraction)
-    return gpus_of, replicas
-
-
-def _largest_feasible(order, settings, row_costs, counts, gpus, best_rate):
-    """The layout for these replica counts at the highest rate that still places; None if none does."""
-
-    def at(rate):
-        layout = _layout_at(rate, order, settings, row_costs, counts)
-        return layout if layout is not None and _places(layout, order, gpus) else None
-
-    found = at(best_rate)
-    low, high = 0.0, best_rate
-    for _ in range(0 if found else 16):
-        middle = (low + high) / 2
-        layout = at(middle)
-        if layout is not None:
-            found, low = layout, middle
-        else:
-            high = middle
-    return found
-
-
-def _places(layout, order, gpus: int) -> bool:
-    """Can Ray place every actor? Checked best-fit (as Ray assigns fractional GPUs) in pool order and reversed."""
-    gpus_of, replicas = layout
-    items = [gpus_of[n] for n in order for _ in range(replicas[n]) if gpus_of[n] > 0]
-    return _best_fit(items, gpus) and _best_fit(items[::-1], gpus)
-
-
-def _best_fit(items: list[float], gpus: int) -> bool:
-    free = [1.0] * gpus
-    for size in items:
-        if size >= 1 - 1e-9:
-            whole = math.ceil(size - 1e-9)
-            empty = [i for i, f in enumerate(free) if f >= 1 - 1e-9][:whole]
-            if len(empty) < whole:
-                return False
-            for i in empty:
-                free[i] = 0.0
-            continue
-        fits = [(f, i) for i, f in enumerate(free) if f + 1e-9 >= size]
-        if not fits:
-            return False
-        _, i = min(fits)
-        free[i] -= size
-    return True
+def _set_partitions(items: list[str]):
+    """Every way to split `items` into non-empty groups (203 for six stages)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _set_partitions(rest):
+        yield [[first]] + partition
+        for i in range(len(partition)):
+            yield partition[:i] + [[first] + partition[i]] + partition[i + 1:]

@@ -17,12 +17,32 @@ class ProgressBoard:
 
     def __init__(self):
         self.rows: dict[str, int] = {}
+        self.actors: list[dict] = []
 
     def add(self, stage: str, rows: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + rows
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.rows)
+
+    def started(self, where: dict) -> None:
+        self.actors.append(where)
+
+    def placement(self) -> list[dict]:
+        return list(self.actors)
+
+
+def actor_location() -> dict:
+    """Where the calling actor runs: node, GPU ids, and the placement-group bundle it was pinned to."""
+    import os
+
+    import ray
+
+    from pipeline.reservation import BUNDLE_ENV
+
+    bundle = os.environ.get(BUNDLE_ENV)
+    return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "bundle": int(bundle) if bundle not in (None, "", "-1") else None}
 
 
 class StageReporter:
@@ -48,6 +68,7 @@ class StageReporter:
             }
             if board_name:
                 self.board = ray.get_actor(board_name)
+                self.board.started.remote({"stage": stage, **actor_location()})
         except Exception as exc:  # noqa: BLE001 - reporting must never stop generation
             log.debug("progress reporting off for %s: %s", stage, exc)
 
@@ -102,6 +123,15 @@ class ProgressPrinter:
                 print(self.line(), file=self.stream, flush=True)
             except Exception as exc:  # noqa: BLE001 - a slow board must not stop the run
                 log.debug("progress line failed: %s", exc)
+
+    def placement(self) -> list[dict]:
+        """Every stage actor that started: its stage, node, GPU ids and bundle (empty if the board is gone)."""
+        import ray
+
+        try:
+            return ray.get(self.board.placement.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the report only; the run's outputs do not depend on it
+            return []
 
     def close(self) -> None:
         import ray

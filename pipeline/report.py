@@ -31,7 +31,9 @@ def stage_figures(stages: list[dict]) -> list[dict]:
         figures.append({
             "name": s["name"], "replicas": s["replicas"], "num_gpus": s["num_gpus"], "num_cpus": s["num_cpus"],
             "batch_rows": s["batch_rows"], "images_per_row": s["images_per_row"],
-            "batch_images": s["batch_rows"] * s["images_per_row"],
+            "batch_images": s.get("batch_images", s["batch_rows"] * s["images_per_row"]),
+            "gpu_bundles": s.get("bundles", []),
+            "oom_halvings": s.get("oom_halvings", 0),
             "images": s["images"],
             "rows_per_s": round(s["images"] / s["images_per_row"] / active, 4) if active > 0 else None,
             "images_per_s": round(s["images"] / active, 4) if active > 0 else None,

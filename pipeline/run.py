@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -11,13 +12,14 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
-from pipeline import checkpoints, costs, reader, storage
+from pipeline import checkpoints, cluster, costs, reader, storage
 from pipeline.config import Config, redacted
 from pipeline.output import SUCCESS_FILE, OutputDir
-from pipeline.plan import Placement, StageSpec, plan_placements, stage_specs, task_cpus
+from pipeline.plan import ClusterShape, Plan, Placement, StageSpec, bundle_cpus, plan_placements, stage_specs, task_cpus
+from pipeline.reservation import GpuReservation, ReservationTimeout
 from pipeline.progress import ProgressPrinter
 from pipeline.report import REPORT_FILE, read_metadata, write_report
-from pipeline.writer import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, SECONDS_PREFIX, ShardWriter,
+from pipeline.writer import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX, ShardWriter,
                              merge_stage_counters)
 
 log = logging.getLogger(__name__)
@@ -74,20 +76,47 @@ def connect_ray() -> None:
              logging_level=logging.WARNING)
 
 
-def cluster_resources() -> tuple[float, float, float | None]:
-    """(CPUs, GPUs, fewest CPUs per GPU on any GPU node) of the cluster."""
+def planned_cluster(config: Config) -> ClusterShape:
+    """The cluster the run plans for: `run.gpus`, or with 'auto' what the autoscaler can scale to (or what
+    the cluster has now without one). A cluster whose node types have GPUs is never planned as CPU-only."""
     import ray
 
     resources = ray.cluster_resources()
-    ratios = [node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in ray.nodes()
-              if node.get("Alive") and node["Resources"].get("GPU", 0) > 0]
-    return float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), min(ratios) if ratios else None
+    if config.run.gpus != "auto":
+        gpus = config.run.gpus
+    else:
+        most = cluster.autoscaler_max_gpus()
+        gpus = int(max(most or 0.0, cluster.gpus_now()))
+    return ClusterShape(cpus=float(resources.get("CPU", 1.0)), gpus=gpus, cpus_per_gpu=cluster.cpus_per_gpu())
+
+
+def reserve_gpus(config: Config, shape: ClusterShape) -> tuple[GpuReservation | None, ClusterShape]:
+    """Hold the planned GPUs (waiting for an autoscaler if needed) and learn their memory."""
+    if shape.gpus < 1:
+        return None, shape
+    reservation = GpuReservation(shape.gpus, bundle_cpus(shape))
+    try:
+        reservation.wait(config.run.gpu_wait_s, lambda line: print(line, file=sys.stderr, flush=True))
+    except ReservationTimeout as exc:
+        raise RunFailed(str(exc)) from None
+    probed = reservation.probe()
+    broken = [g for g in probed if isinstance(g["cuda"], str)]
+    if broken:
+        reservation.release()
+        raise RunFailed(f"node {broken[0]['node']}: {broken[0]['cuda']}; install a torch build for its driver "
+                        "(or a newer driver) before running there")
+    if config.run.gpu_kind != "auto":
+        memory = costs.gpu_kind(config.run.gpu_kind).memory_gb
+    else:  # the smallest GPU of the reservation; None on fake GPUs (no CUDA), so memory goes unchecked
+        memory = min((g["memory_gb"] for g in probed if g["memory_gb"]), default=None)
+    return reservation, dataclasses.replace(shape, gpu_memory_gb=memory)
 
 
 def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: dict[str, Placement],
                  runtime_env: dict | None = None, actor_for=lambda spec: spec.actor_class(),
-                 progress_board: str | None = None):
-    """One actor pool per stage, in order (the simulation benchmark passes stand-in actors)."""
+                 progress_board: str | None = None, reservation: GpuReservation | None = None):
+    """One actor pool per stage, in order, each actor pinned to its planned GPU bundle (the simulation
+    benchmark passes stand-in actors)."""
     import ray.data
     from actors.base import StageContext
 
@@ -99,33 +128,39 @@ def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: d
             dataset = dataset.repartition(target_num_rows_per_block=placement.batch_rows)
             block_rows = placement.batch_rows
         context = StageContext(config=config, use_gpu=placement.num_gpus > 0, num_threads=placement.threads,
-                               final_image=stage.final_image, options=stage.options, progress_board=progress_board)
+                               final_image=stage.final_image, options=stage.options, progress_board=progress_board,
+                               batch_images=placement.batch_images, memory_fraction=placement.memory_fraction)
+        pinned = {}
+        if placement.bundles and reservation is not None:
+            pinned["ray_remote_args_fn"] = reservation.pin(placement.bundles, runtime_env)
         dataset = dataset.map_batches(
             actor_for(stage), fn_constructor_kwargs={"context": context}, batch_size=placement.batch_rows,
             batch_format="numpy", zero_copy_batch=False,
             compute=ray.data.ActorPoolStrategy(size=placement.replicas,
                                                max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
-            num_gpus=placement.num_gpus or None, num_cpus=placement.num_cpus, runtime_env=runtime_env,
+            num_gpus=placement.num_gpus or None, num_cpus=placement.num_cpus, runtime_env=runtime_env, **pinned,
         )
     return dataset
 
 
 def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec],
                   placements: dict[str, Placement], done_ids: set[str], io_cpus: float,
-                  progress_board: str | None = None):
+                  progress_board: str | None = None, reservation: GpuReservation | None = None):
     """Read -> one actor pool per stage -> shard writer, as one streaming Ray Dataset."""
     runtime_env = {"env_vars": storage.forwarded_env()}
     dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus, runtime_env=runtime_env)
-    dataset = chain_stages(dataset, config, stages, placements, runtime_env, progress_board=progress_board)
+    dataset = chain_stages(dataset, config, stages, placements, runtime_env, progress_board=progress_board,
+                           reservation=reservation)
     return dataset.map_batches(ShardWriter(config), batch_size=config.output.shard_size, batch_format="numpy",
                                num_cpus=io_cpus, runtime_env=runtime_env)
 
 
-def _costs_for_planning(config: Config, stages: list[StageSpec], gpus: float) -> dict[str, float] | None:
-    """Per-image GPU costs for `auto` placement (from the checkpoints' configs); none needed without GPUs."""
-    auto = any(getattr(config.stages, s.name).replicas == "auto" or getattr(config.stages, s.name).num_gpus == "auto"
-               for s in stages)
-    return costs.estimated_costs(config) if gpus >= 1 and auto else None
+def _costs_for_planning(config: Config, shape: ClusterShape) -> dict | None:
+    """Per-stage batch times and memory from the checkpoints' configs; none needed without GPUs."""
+    if shape.gpus < 1:
+        return None
+    kind = costs.gpu_kind(config.run.gpu_kind) if config.run.gpu_kind != "auto" else None
+    return costs.checkpoint_profile(config, kind).stages
 
 
 def _pipeline_span(stage_work: dict[str, float]) -> float | None:
@@ -161,21 +196,36 @@ def generate(config: Config, *, progress=None) -> RunResult:
     started = time.time()
     info = preflight(config)
     output = OutputDir(config)
-    state = output.prepare()
-    if state.finished is not None:
-        return RunResult(summary=state.finished, already_done=True)
+    finished = output.check()
+    if finished is not None:
+        return RunResult(summary=finished, already_done=True)
 
     connect_ray()
     configure_data_context()
-    cpus, gpus, cpus_per_gpu = cluster_resources()
     stages = stage_specs(config)
-    todo = info.rows - len(state.done_ids)
-    plan = plan_placements(config, stages, cpus, gpus, _costs_for_planning(config, stages, gpus),
-                           rows=max(1, todo), cpus_per_gpu=cpus_per_gpu)
+    # The GPUs first: a run that cannot get them fails before it writes anything.
+    reservation, shape = reserve_gpus(config, planned_cluster(config))
+    try:
+        state = output.prepare()
+        if state.finished is not None:  # another attempt finished it meanwhile
+            return RunResult(summary=state.finished, already_done=True)
+        todo = info.rows - len(state.done_ids)
+        plan = plan_placements(config, stages, shape, _costs_for_planning(config, shape), rows=max(1, todo))
+        return _execute(config, info, state, output, stages, plan, shape, reservation, todo, started, progress)
+    finally:
+        if reservation is not None:
+            reservation.release()
+
+
+def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, stages: list[StageSpec], plan: Plan,
+             shape: ClusterShape, reservation: GpuReservation | None, todo: int, started: float, progress) -> RunResult:
+    """Stream the dataset to the end, check every row landed once, and write the report and the summary."""
     placements = plan.placements
+    log.info("plan:\n%s", plan.table())
     board = f"unclip-progress-{uuid.uuid4().hex[:12]}"
     printer = ProgressPrinter(board, [s.name for s in stages], todo, config.run.progress_interval_s)
-    dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(cpus), board)
+    dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(shape.cpus), board,
+                            reservation)
 
     new_rows = new_images = 0
     stage_work: dict[str, float] = {}
@@ -193,6 +243,7 @@ def generate(config: Config, *, progress=None) -> RunResult:
         if load_failure is None:
             raise
     finally:
+        actors = printer.placement()
         printer.close()
     if load_failure is not None:
         # Raised outside the handler with the dataset dropped, so fewer references keep the failed execution's
@@ -226,11 +277,16 @@ def generate(config: Config, *, progress=None) -> RunResult:
         "stages": [{"name": s.name, "images_per_row": s.images_per_row, **vars(placements[s.name]),
                     "images": int(stage_work.get(IMAGES_PREFIX + s.name, 0)),
                     "busy_s": round(stage_work.get(SECONDS_PREFIX + s.name, 0.0), 3),
+                    "oom_halvings": int(stage_work.get(OOM_PREFIX + s.name, 0)),
                     "active_s": round(stage_work.get(END_PREFIX + s.name, 0.0)
                                       - stage_work.get(BEGIN_PREFIX + s.name, 0.0), 3),
                     "gpu_cost_per_row": plan.row_costs.get(s.name)} for s in stages],
-        "plan": {"bound_rows_per_s": plan.bound, "predicted_rows_per_s": plan.predicted},
-        "cluster": {"cpus": cpus, "gpus": gpus},
+        "plan": {"layout": plan.layout, "gpus": plan.gpus, "gpu_memory_gb": plan.gpu_memory_gb,
+                 "groups": [{"stages": g.stages, "gpus": g.bundles, "memory_gb": round(g.memory_gb, 3)}
+                            for g in plan.groups],
+                 "bound_rows_per_s": plan.bound, "predicted_rows_per_s": plan.predicted},
+        "cluster": {"cpus": shape.cpus, "gpus": shape.gpus},
+        "actors": sorted(actors, key=lambda a: (a["stage"], a["bundle"] if a["bundle"] is not None else -1)),
         "models": {k: v for k, v in redacted(config)["models"].items()},
         "config": redacted(config),
         "versions": package_versions(),

@@ -20,10 +20,11 @@ IMAGES_PREFIX = "_images_"
 SECONDS_PREFIX = "_seconds_"
 BEGIN_PREFIX = "_begin_"
 END_PREFIX = "_end_"
-"""Per-row counters each stage adds: images it processed for the row, busy seconds attributed to it, and
-when the batch holding the row began and ended. Writers and the driver fold them (sum, sum, min, max), so
-the run report counts committed work only."""
-_FOLD = {IMAGES_PREFIX: np.sum, SECONDS_PREFIX: np.sum, BEGIN_PREFIX: np.min, END_PREFIX: np.max}
+OOM_PREFIX = "_oom_halvings_"
+"""Per-row counters each stage adds: images it processed for the row, busy seconds attributed to it, when
+the batch holding the row began and ended, and forward passes that ran out of GPU memory and were split.
+Writers and the driver fold them (sum, sum, min, max, sum), so the run report counts committed work only."""
+_FOLD = {IMAGES_PREFIX: np.sum, SECONDS_PREFIX: np.sum, BEGIN_PREFIX: np.min, END_PREFIX: np.max, OOM_PREFIX: np.sum}
 
 
 def merge_stage_counters(totals: dict[str, float], batch: dict) -> dict[str, float]:

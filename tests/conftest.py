@@ -68,7 +68,7 @@ def model_overrides(models: dict[str, str], *, upsampler_1024: bool = True, clip
 
 def run_in_process(config, prompts, seeds, stop_after: str | None = None):
     """Every stage actor in order on one batch, in this process: the pure path without Ray."""
-    from pipeline.local import prompt_batch, run_stages
+    from benchmarks.local import prompt_batch, run_stages
 
     return run_stages(config, prompt_batch(prompts, seeds), stop_after=stop_after)
 

@@ -55,7 +55,10 @@ def test_unknown_keys_name_the_nearest_valid_key(key, hint):
 
 @pytest.mark.parametrize("override,message", [
     ("stages.decoder.steps=0", "stages.decoder.steps must be an integer >= 1"),
-    ("stages.prior.batch_size=-2", "stages.prior.batch_size must be an integer >= 1"),
+    ("stages.prior.batch_size=-2", "stages.prior.batch_size must be 'auto' or an integer >= 1"),
+    ("stages.prior.num_gpus=2", "stages.prior.num_gpus must be 'auto' or the GPU fraction of one actor"),
+    ("run.gpus=-1", "run.gpus must be 'auto' or a number of GPUs >= 0"),
+    ("run.gpu_kind=v100", "run.gpu_kind must be 'auto' or one of t4"),
     ("stages.decoder.dtype=fp8", "stages.decoder.dtype must be one of"),
     ("rerank.keep=3", "rerank.keep must be an integer between 1 and rerank.candidates"),
     ("rerank.at=prior", "rerank.at must be one of decoder, upsampler_256"),

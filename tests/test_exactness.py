@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.config import load_config
 from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
-from pipeline.reference import Reference
+from benchmarks.reference import Reference
 
 PROMPTS = ["a red fox in a snowy forest", "an astronaut riding a horse on the moon", "a bowl of ramen",
            "a lighthouse in a storm, oil painting", "a corgi wearing sunglasses"]

@@ -28,7 +28,7 @@ from pipeline.config import load_config
 from pipeline.run import RunFailed, generate
 from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
 from tests.faults import ActorKiller, FaultyProxy
-from pipeline.reference import Reference
+from benchmarks.reference import Reference
 from tests.test_exactness import REFERENCE_STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

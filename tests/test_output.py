@@ -75,6 +75,9 @@ class Silent:
     def __init__(self, *args, **kwargs):
         self.written = 0
 
+    def placement(self):
+        return []
+
     def close(self):
         pass
 
@@ -89,7 +92,7 @@ def test_a_run_that_lost_rows_is_not_declared_finished(tmp_path, monkeypatch):
             return iter(())
 
     monkeypatch.setattr(run, "connect_ray", lambda: None)
-    monkeypatch.setattr(run, "cluster_resources", lambda: (2.0, 0.0, None))
+    monkeypatch.setattr(run, "planned_cluster", lambda config: run.ClusterShape(cpus=2.0, gpus=0))
     monkeypatch.setattr(run, "ProgressPrinter", Silent)
     monkeypatch.setattr(run, "build_dataset", lambda *args, **kwargs: NothingCameThrough())
     out = tmp_path / "out"

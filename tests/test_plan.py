@@ -1,16 +1,47 @@
-"""Planning: the stage list follows the config; placements fit the cluster and ask no GPUs without GPUs."""
+"""Planning: the stage list follows the config; layouts are placeable, fit in memory, and balance by cost."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.costs import profile_costs
-from pipeline.plan import _best_fit, plan_placements, stage_specs
+from pipeline.costs import StageCost
+from pipeline.plan import MEMORY_MARGIN, ClusterShape, plan_placements, stage_specs
+from pipeline.plan import CUDA_CONTEXT_GB
+
+STAGES = ("text_encoder", "prior", "decoder", "reranker", "upsampler_256", "upsampler_1024")
+# GPU-seconds per image in the proportions of DALL-E 2's published model sizes and steps; no overheads.
+PAPER_SECONDS = {"text_encoder": 0.0004, "prior": 0.166, "decoder": 0.449, "reranker": 0.0026,
+                 "upsampler_256": 0.0775, "upsampler_1024": 0.295}
 
 
 def config(*overrides):
     return load_config(None, list(overrides), input_path="in", output_path="out", preset="tiny")
+
+
+def costs(weights_gb: float = 1.0, activation_gb: float = 0.1, overhead_s: float = 0.0) -> dict[str, StageCost]:
+    return {name: StageCost(seconds_per_image=seconds, batch_overhead_s=overhead_s, weights_gb=weights_gb,
+                            activation_gb_per_image=activation_gb) for name, seconds in PAPER_SECONDS.items()}
+
+
+def check_layout(plan, cluster: ClusterShape, cost: dict[str, StageCost]) -> None:
+    """What Ray needs to place the plan exactly: every actor on a bundle that exists, at most one GPU of
+    shares per bundle, CPUs within the bundle, memory within the GPU."""
+    hosted = plan.bundle_of_actors()
+    assert all(0 <= bundle < cluster.gpus for bundle in hosted), hosted
+    for bundle, names in hosted.items():
+        shares = sum(plan.placements[n].num_gpus for n in names)
+        assert shares <= 1 + 1e-9, f"GPU {bundle} shares sum to {shares}"
+        cpus = sum(plan.placements[n].num_cpus for n in names)
+        assert cpus <= plan.bundle_cpus + 1e-9, f"GPU {bundle} actors ask {cpus} CPUs of {plan.bundle_cpus}"
+        if cluster.gpu_memory_gb:
+            memory = sum(cost[n].memory_gb(plan.placements[n].batch_images) + CUDA_CONTEXT_GB for n in names)
+            assert memory <= cluster.gpu_memory_gb * MEMORY_MARGIN + 1e-9, f"GPU {bundle} needs {memory} GB"
+    for name, p in plan.placements.items():
+        assert p.replicas == len(p.bundles) or p.num_gpus == 0
+        assert p.batch_rows >= 1 and p.batch_images >= 1
 
 
 def test_stage_list_follows_rerank_position_and_1024():
@@ -27,49 +58,87 @@ def test_stage_list_follows_rerank_position_and_1024():
 
 
 def test_cpu_only_cluster_asks_for_no_gpus_and_leaves_a_cpu_for_io():
-    placements = plan_placements(config(), stage_specs(config()), cluster_cpus=2, cluster_gpus=0).placements
-    assert all(p.num_gpus == 0 for p in placements.values())
-    assert sum(p.num_cpus * p.replicas for p in placements.values()) <= 1.0 + 1e-9
-
-
-def _placeable(plan, gpus):
-    items = [p.num_gpus for p in plan.placements.values() for _ in range(p.replicas)]
-    return _best_fit(items, gpus) and _best_fit(items[::-1], gpus)
+    plan = plan_placements(config(), stage_specs(config()), ClusterShape(cpus=2, gpus=0))
+    assert plan.layout == "cpu"
+    assert all(p.num_gpus == 0 and not p.bundles for p in plan.placements.values())
+    assert sum(p.num_cpus * p.replicas for p in plan.placements.values()) <= 1.0 + 1e-9
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 8, 16])
-def test_auto_plan_places_and_comes_close_to_the_bound(gpus):
+def test_models_that_fit_together_are_co_located_on_every_gpu(gpus):
+    cfg, cost = config("rerank.candidates=2", "rerank.keep=1"), costs()
+    cluster = ClusterShape(cpus=8 * gpus, gpus=gpus, gpu_memory_gb=80)
+    plan = plan_placements(cfg, stage_specs(cfg), cluster, cost, rows=100_000)
+    check_layout(plan, cluster, cost)
+    assert plan.layout == "co-located"
+    for name, p in plan.placements.items():
+        assert p.bundles == list(range(gpus)), f"{name} is not on every GPU once"
+    hosted = plan.bundle_of_actors()
+    assert all(sum(plan.placements[n].num_gpus for n in hosted[b]) == pytest.approx(1.0) for b in hosted)
+    assert plan.predicted >= 0.95 * plan.bound, plan.table()
+
+
+def test_models_that_do_not_fit_together_get_gpus_of_their_own_in_proportion_to_cost():
     cfg = config()
-    plan = plan_placements(cfg, stage_specs(cfg), cluster_cpus=64, cluster_gpus=gpus,
-                           image_costs=profile_costs("dalle2"), rows=100_000)
-    assert _placeable(plan, gpus)
-    assert plan.bound == pytest.approx(gpus / sum(plan.row_costs.values()))
-    assert plan.predicted >= 0.9 * plan.bound, plan.table()
-    rates = {n: p.replicas * p.num_gpus / plan.row_costs[n] for n, p in plan.placements.items()}
-    assert min(rates.values()) >= 0.9 * plan.bound, "no stage is starved of GPU time"
+    cost = costs(weights_gb=5.0, activation_gb=0.5)
+    cluster = ClusterShape(cpus=64, gpus=16, gpu_memory_gb=16)
+    plan = plan_placements(cfg, stage_specs(cfg), cluster, cost, rows=100_000)
+    check_layout(plan, cluster, cost)
+    assert plan.layout in ("dedicated", "mixed")
+    gpus_of = {n: len(p.bundles) for n, p in plan.placements.items()}
+    assert gpus_of["decoder"] > gpus_of["upsampler_256"] >= 1, plan.table()
+    assert sum(len(g.bundles) for g in plan.groups) == 16
+    assert plan.predicted >= 0.8 * plan.bound, plan.table()
 
 
-def test_best_fit_models_fragmentation():
-    assert _best_fit([0.6, 0.6, 0.4, 0.4], 2)
-    assert not _best_fit([0.7, 0.7, 0.5], 2), "0.5 fits nowhere once two 0.7 actors hold a GPU each"
+def test_a_stage_that_cannot_fit_one_gpu_is_a_config_error_naming_it():
+    cfg = config("stages.upsampler_1024.batch_size=4")
+    cost = costs()
+    cost["upsampler_1024"] = StageCost(seconds_per_image=0.3, weights_gb=2, activation_gb_per_image=4)
+    with pytest.raises(ConfigError, match="stage upsampler_1024 needs .* GB at batch 4"):
+        plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=16, gpus=2, gpu_memory_gb=16), cost)
+
+
+def test_auto_batch_amortises_overhead_within_memory():
+    cfg = config()
+    cost = {n: StageCost(seconds_per_image=0.1, batch_overhead_s=0.5, weights_gb=1, activation_gb_per_image=1)
+            for n in STAGES}
+    roomy = plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=64, gpus=8, gpu_memory_gb=400), cost)
+    # overhead <= 5% of a batch's time: b >= 0.5 * 0.95 / (0.05 * 0.1) = 95, capped at 64
+    assert all(p.batch_images == 64 for p in roomy.placements.values())
+    tight = plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=64, gpus=8, gpu_memory_gb=24), cost)
+    check_layout(tight, ClusterShape(cpus=64, gpus=8, gpu_memory_gb=24), cost)
+    assert all(p.batch_images < 64 for p in tight.placements.values())
 
 
 def test_batch_rows_count_candidates():
     cfg = config("rerank.candidates=4", "stages.decoder.batch_size=8")
-    assert plan_placements(cfg, stage_specs(cfg), 4, 0).placements["decoder"].batch_rows == 2
+    assert plan_placements(cfg, stage_specs(cfg), ClusterShape(4, 0)).placements["decoder"].batch_rows == 2
 
 
 def test_fixed_requests_beyond_the_cluster_are_a_config_error():
     cfg = config("stages.decoder.num_gpus=1", "stages.decoder.replicas=3")
     with pytest.raises(ConfigError, match="stages ask for 3 GPUs"):
-        plan_placements(cfg, stage_specs(cfg), cluster_cpus=8, cluster_gpus=2)
+        plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=8, gpus=2))
 
 
 def test_fixed_stages_are_kept_and_auto_ones_fill_the_rest():
     cfg = config("stages.decoder.num_gpus=1", "stages.decoder.replicas=1")
-    plan = plan_placements(cfg, stage_specs(cfg), 16, 2, profile_costs("dalle2"), rows=1000)
+    cluster = ClusterShape(16, 3)
+    plan = plan_placements(cfg, stage_specs(cfg), cluster, costs(), rows=1000)
+    check_layout(plan, cluster, costs())
     assert (plan.placements["decoder"].replicas, plan.placements["decoder"].num_gpus) == (1, 1.0)
-    assert _placeable(plan, 2)
+    decoder_gpu = plan.placements["decoder"].bundles[0]
+    assert plan.bundle_of_actors()[decoder_gpu] == ["decoder"]
+
+
+def test_a_stage_set_to_zero_gpus_runs_on_cpu_beside_gpu_stages():
+    cfg = config("stages.reranker.num_gpus=0", "rerank.candidates=2", "rerank.keep=1")
+    cluster = ClusterShape(16, 2)
+    plan = plan_placements(cfg, stage_specs(cfg), cluster, costs())
+    check_layout(plan, cluster, costs())
+    assert plan.placements["reranker"].num_gpus == 0 and not plan.placements["reranker"].bundles
+    assert plan.placements["decoder"].bundles == [0, 1]
 
 
 @pytest.mark.parametrize("cpus_per_gpu", [2, 8])
@@ -78,8 +147,39 @@ def test_gpu_actors_ask_for_cpus_in_proportion_so_they_fit_where_their_gpu_share
     stages = ("text_encoder", "prior", "decoder", "upsampler_256")
     cfg = config("models.upsampler_1024=null", "models.clip=null",
                  *[f"stages.{s}.num_gpus=0.2" for s in stages], *[f"stages.{s}.replicas=1" for s in stages])
-    plan = plan_placements(cfg, stage_specs(cfg), cluster_cpus=2 + cpus_per_gpu, cluster_gpus=1,
-                           cpus_per_gpu=cpus_per_gpu)
+    plan = plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=2 + cpus_per_gpu, gpus=1,
+                                                               cpus_per_gpu=cpus_per_gpu))
     used = sum(p.num_cpus * p.replicas for p in plan.placements.values())
     assert used <= cpus_per_gpu - min(1, cpus_per_gpu / 4) + 1e-9  # room left on the node for read/write tasks
     assert all(0 < p.num_cpus <= 1 for p in plan.placements.values())
+    assert plan.layout == "fixed" and plan.bundle_of_actors() == {0: list(stages)}
+
+
+def test_planner_never_crashes_and_never_returns_an_unplaceable_layout():
+    """Random stage settings and cluster shapes: a layout Ray can place exactly, or a one-line ConfigError."""
+    rng = random.Random(7)
+    refused = 0
+    for trial in range(300):
+        sets = [f"rerank.candidates={rng.choice([1, 2, 4])}", "rerank.keep=1",
+                f"rerank.at={rng.choice(['decoder', 'upsampler_256'])}"]
+        for name in STAGES:
+            if rng.random() < 0.3:
+                sets.append(f"stages.{name}.num_gpus={rng.choice([0, 0.1, 0.25, 0.5, 1])}")
+            if rng.random() < 0.3:
+                sets.append(f"stages.{name}.replicas={rng.randint(1, 4)}")
+            if rng.random() < 0.3:
+                sets.append(f"stages.{name}.batch_size={rng.choice([1, 4, 16])}")
+        cfg = config(*sets)
+        cost = {n: StageCost(seconds_per_image=rng.choice([0.0, 1e-4, 0.01, 0.3]),
+                             batch_overhead_s=rng.choice([0.0, 0.05]), weights_gb=rng.choice([0.0, 1.0, 6.0]),
+                             activation_gb_per_image=rng.choice([0.0, 0.2, 2.0])) for n in STAGES}
+        cluster = ClusterShape(cpus=rng.choice([2, 8, 64]), gpus=rng.choice([0, 1, 2, 3, 8, 64]),
+                               cpus_per_gpu=rng.choice([None, 1, 4, 12]), gpu_memory_gb=rng.choice([None, 16, 24, 80]))
+        try:
+            plan = plan_placements(cfg, stage_specs(cfg), cluster, cost, rows=rng.choice([1, 100, 10_000]))
+        except ConfigError as exc:
+            assert "\n" not in str(exc) and str(exc), trial
+            refused += 1
+            continue
+        check_layout(plan, cluster, cost)
+    assert refused < 200, "most random settings are placeable"

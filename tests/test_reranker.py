@@ -13,7 +13,7 @@ from actors.reranker import RerankerActor, clip_scores
 from pipeline import checkpoints, seeds
 from pipeline.config import load_config
 from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
-from pipeline.reference import Reference
+from benchmarks.reference import Reference
 from tests.test_exactness import REFERENCE_STEPS, read_outputs
 
 

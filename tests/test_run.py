@@ -48,6 +48,17 @@ def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_sessio
     assert summary["counts"]["ok"] == 3 and summary["counts"]["images"] == 3
     assert summary["versions"]["diffusers"] and summary["wall_time_s"] > 0 and summary["images_per_s"] > 0
     assert [s["name"] for s in summary["stages"]][:3] == ["text_encoder", "prior", "decoder"]
+    # Every stage actor ran on the GPU bundle the plan gave it (the session Ray has 2 fake GPUs).
+    assert summary["plan"]["layout"] == "co-located" and summary["plan"]["gpus"] == 2
+    planned = {s["name"]: s["bundles"] for s in summary["stages"]}
+    assert all(bundles == [0, 1] for bundles in planned.values()), planned
+    seen = {name: sorted(a["bundle"] for a in summary["actors"] if a["stage"] == name) for name in planned}
+    assert seen == planned
+    gpu_of_bundle = {}
+    for actor in summary["actors"]:
+        gpu_of_bundle.setdefault(actor["bundle"], set()).add(tuple(actor["gpu_ids"]))
+    assert all(len(ids) == 1 and len(next(iter(ids))) == 1 for ids in gpu_of_bundle.values()), gpu_of_bundle
+    assert len({next(iter(ids)) for ids in gpu_of_bundle.values()}) == 2, "the two bundles are two GPUs"
     everything = "".join(p.read_text(errors="ignore") for p in output.rglob("*.json"))
     assert "hunter2" not in everything
 

@@ -1,6 +1,6 @@
 """The diffusers baseline: UnCLIPPipeline + StableDiffusionUpscalePipeline on the same checkpoints, loaded
 component by component with diffusers/transformers directly (not through our loader). Tests use it as the
-exactness oracle and `jobs.bench --tiny` as the speed baseline."""
+exactness oracle and `benchmarks.bench --tiny` as the speed baseline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m jobs.bench --simulate dalle2 | --tiny | --rerank | --memory | --plan`.
+"""Benchmarks (not tests): `python -m benchmarks.bench --simulate dalle2 | --tiny | --rerank | --memory | --plan`.
 
 Each mode prints a table; `--json PATH` also writes the figures. See docs/BENCHMARKS.md for results.
 """
@@ -51,48 +51,124 @@ def _print_rows(title: str, rows: list[tuple]) -> None:
 # ---------------------------------------------------------------- --simulate
 
 
-def simulate(args) -> dict:
-    from pipeline import simulation
-    from pipeline.costs import profile_costs
-    from pipeline.plan import plan_placements, stage_specs
+def _profile(name_or_path: str, gpu: str | None):
+    from pipeline import costs
 
-    config = _config(*_batch_sets(args.batch_images))
+    profile = costs.load_profile(name_or_path)
+    return profile.on(costs.gpu_kind(gpu)) if gpu else profile
+
+
+def _planned(args, profile):
+    """The product's plan for the profile on --gpus GPUs of the profile's kind."""
+    from pipeline.plan import ClusterShape, plan_placements, stage_specs
+
+    sets = _batch_sets(args.batch_images) if args.batch_images else []
+    config = _config(*sets, *args.overrides)
     stages = stage_specs(config)
-    image_costs = profile_costs(args.simulate)
-    total = sum(image_costs[s.name] * s.images_per_row for s in stages)
-    # Simulated seconds per real GPU-second, so the ideal run lasts --ideal-seconds.
-    scale = args.ideal_seconds * args.gpus / (args.prompts * total)
-    row_seconds = {s.name: image_costs[s.name] * s.images_per_row * scale for s in stages}
-    _init_ray(args.gpus)
-    import ray
+    cluster = ClusterShape(cpus=_sim_cpus(args.gpus), gpus=args.gpus, gpu_memory_gb=profile.gpu.memory_gb)
+    return config, stages, plan_placements(config, stages, cluster, profile.stages, rows=args.prompts)
 
-    cpus = ray.cluster_resources()["CPU"]
-    plan = plan_placements(config, stages, cpus, args.gpus, image_costs, rows=args.prompts)
+
+def _sim_cpus(gpus: int) -> int:
+    return max(8, 2 * gpus)
+
+
+def _batch_times(stages, plan, profile, scale: float) -> dict:
+    """Each stage's batch time in simulated seconds: (a + rows x images per row x c) x scale."""
+    from benchmarks.simulation import BatchTime
+
+    return {s.name: BatchTime(profile.stages[s.name].batch_overhead_s * scale,
+                              profile.stages[s.name].seconds_per_image * s.images_per_row * scale) for s in stages}
+
+
+def data_parallel_memory(stages, plan, profile) -> float:
+    """GB one GPU needs to hold every model, running one stage at a time at its planned batch."""
+    from pipeline.plan import CUDA_CONTEXT_GB
+
+    weights = sum(profile.stages[s.name].weights_gb for s in stages)
+    activations = max(profile.stages[s.name].activation_gb_per_image * plan.placements[s.name].batch_images
+                      for s in stages)
+    return weights + activations + CUDA_CONTEXT_GB
+
+
+def event_predictions(stages, plan, times, rows: int, gpus: int, data_parallel: bool) -> dict:
+    """The event model of the same dynamics: the product's layout and, if it fits, data parallel."""
+    import math
+
+    from benchmarks import event_model
+
+    timing = {s.name: event_model.StageTiming(times[s.name].overhead_s, times[s.name].seconds_per_row,
+                                              plan.placements[s.name].batch_rows) for s in stages}
+    actors = [event_model.ActorSpec(s.name, bundle) for s in stages for bundle in plan.placements[s.name].bundles]
+    bound = gpus / sum(timing[n].batch_overhead_s / timing[n].batch_rows + timing[n].seconds_per_row for n in timing)
+    out = {"pipeline": event_model.simulate([s.name for s in stages], actors, timing, rows, gpus)}
+    if data_parallel:
+        lcm = math.lcm(*[t.batch_rows for t in timing.values()])
+        whole = event_model.StageTiming(sum(t.batch_overhead_s * lcm / t.batch_rows for t in timing.values()),
+                                        sum(t.seconds_per_row for t in timing.values()), lcm)
+        out["data_parallel"] = event_model.simulate(["all"], [event_model.ActorSpec("all", g) for g in range(gpus)],
+                                                    {"all": whole}, rows, gpus)
+    return {name: {"efficiency": round(r.throughput / bound, 4), "throughput": round(r.throughput, 4)}
+            for name, r in out.items()}
+
+
+def simulate(args) -> dict:
+    from benchmarks import simulation
+    from pipeline.reservation import GpuReservation
+
+    profile = _profile(args.simulate, args.gpu)
+    config, stages, plan = _planned(args, profile)
+    print(f"--simulate {args.simulate}: {profile.source}; {args.gpus} x {profile.gpu.name}")
     print(plan.table())
-    locks = tempfile.mkdtemp(prefix="simgpu-")
-    results = {}
+    row_seconds = sum(profile.stages[s.name].seconds_per_image_at(plan.placements[s.name].batch_images)
+                      * s.images_per_row for s in stages)
+    # Simulated seconds per real GPU-second, so the ideal run lasts --ideal-seconds.
+    scale = args.ideal_seconds * args.gpus / (args.prompts * row_seconds)
+    times = _batch_times(stages, plan, profile, scale)
+    dp_memory = data_parallel_memory(stages, plan, profile)
+    dp_fits = dp_memory <= profile.gpu.memory_gb * 0.9
+    predictions = event_predictions(stages, plan, times, args.prompts, args.gpus, dp_fits)
+    results: dict = {}
     started = time.time()
-    results["pipeline"] = simulation.run_pipeline(config, stages, plan, row_seconds, args.prompts, locks)
-    default_rows = max(args.gpus * 10, args.prompts // args.default_fraction)
-    results["ray_data_default"] = simulation.run_ray_data_default(stages, row_seconds, default_rows, args.gpus,
-                                                                  plan.placements["decoder"].batch_rows, locks)
-    results["data_parallel"] = simulation.run_data_parallel(row_seconds, args.prompts, args.gpus,
-                                                            plan.placements["decoder"].batch_rows, locks)
+    if args.gpus <= args.max_ray_gpus:
+        _init_ray(args.gpus, _sim_cpus(args.gpus))
+        locks = tempfile.mkdtemp(prefix="simgpu-")
+        reservation = GpuReservation(args.gpus, plan.bundle_cpus)
+        reservation.wait(300, print)
+        results["pipeline"] = simulation.run_pipeline(config, stages, plan, times, args.prompts, locks, reservation)
+        reservation.release()
+        default_rows = max(args.gpus * 10, args.prompts // args.default_fraction)
+        results["ray_data_default"] = simulation.run_ray_data_default(stages, plan, times, default_rows, args.gpus,
+                                                                      locks)
+        if dp_fits:
+            results["data_parallel"] = simulation.run_data_parallel(stages, plan, times, args.prompts, args.gpus, locks)
     elapsed = time.time() - started
-    rows = [("schedule", "prompts", "span s", "throughput (sim rows/s)", "bound", "efficiency")]
-    for name, m in results.items():
-        rows.append((name, m.rows, m.span_s, m.throughput, m.bound, m.efficiency))
-    _print_rows(f"--simulate {args.simulate}: {args.gpus} simulated GPUs, time scale {scale:.4f} "
-                f"(1 simulated s = {1 / scale:.2f} GPU-s); {elapsed:.0f}s of benchmarking", rows)
-    ours = results["pipeline"]
+    table = [("schedule", "prompts", "span s", "throughput (sim rows/s)", "efficiency (Ray)", "efficiency (event model)")]
+    for name in ("pipeline", "ray_data_default", "data_parallel"):
+        m = results.get(name)
+        predicted = predictions.get(name, {}).get("efficiency", "-")
+        if name == "data_parallel" and not dp_fits:
+            table.append((name, "-", "-", "-", f"does not fit ({dp_memory:.1f} GB > {profile.gpu.memory_gb:g} GB)", "-"))
+        elif m is not None or name in predictions:
+            table.append((name, m.rows if m else "-", m.span_s if m else "-", m.throughput if m else "-",
+                          m.efficiency if m else "-", predicted))
+    _print_rows(f"{args.gpus} simulated GPUs, time scale {scale:.4f} (1 simulated s = {1 / scale:.2f} GPU-s); "
+                f"{elapsed:.0f}s of Ray runs", table)
+    ours = results.get("pipeline")
+    efficiency = ours.efficiency if ours else predictions["pipeline"]["efficiency"]
     return {
-        "mode": "simulate", "profile": args.simulate, "gpus": args.gpus, "prompts": args.prompts,
-        "efficiency": ours.efficiency, "throughput": ours.throughput, "bound": ours.bound,
-        "throughput_real_rows_per_s": round(ours.throughput * scale, 4), "time_scale": scale,
+        "mode": "simulate", "profile": args.simulate, "gpu": profile.gpu.name, "gpus": args.gpus,
+        "prompts": args.prompts, "layout": plan.layout,
+        "efficiency": efficiency, "throughput": ours.throughput if ours else None, "bound": ours.bound if ours else None,
+        "measured_by": "ray" if ours else "event model",
+        "event_model": predictions,
+        "throughput_real_rows_per_s": round(ours.throughput * scale, 4) if ours else None, "time_scale": scale,
         "predicted_efficiency": round(plan.predicted / plan.bound, 4),
+        "placement_seen": ours.placement if ours else None,
         "plan": {n: vars(p) for n, p in plan.placements.items()},
         "baselines": {name: {"efficiency": m.efficiency, "throughput": m.throughput, "prompts": m.rows}
-                      for name, m in results.items() if name != "pipeline"},
+                      for name, m in results.items() if name != "pipeline"}
+        | ({} if dp_fits else {"data_parallel": {"efficiency": None, "fits": False, "memory_gb": round(dp_memory, 2)}}),
     }
 
 
@@ -122,23 +198,25 @@ def _peak_rss_during(fn):
 
 
 def memory(args) -> dict:
-    from pipeline import simulation
-    from pipeline.plan import plan_placements, stage_specs
+    from benchmarks import simulation
+    from pipeline.plan import ClusterShape, plan_placements, stage_specs
+    from pipeline.reservation import GpuReservation
 
     config = _config(*_batch_sets(args.memory_batch))
     stages = stage_specs(config)
     _init_ray(args.gpus)
     import ray
 
-    plan = plan_placements(config, stages, ray.cluster_resources()["CPU"], args.gpus,
-                           {s.name: 1.0 for s in stages}, rows=args.prompts)
-    row_seconds = {s.name: 0.0 for s in stages}
+    plan = plan_placements(config, stages, ClusterShape(ray.cluster_resources()["CPU"], args.gpus), rows=args.prompts)
+    reservation = GpuReservation(args.gpus, plan.bundle_cpus)
+    reservation.wait(300, print)
+    row_seconds = {s.name: simulation.BatchTime(0.0, 0.0) for s in stages}
     locks = tempfile.mkdtemp(prefix="simgpu-")
     figures = {}
     for rows in sorted({args.prompts // 10, args.prompts}):
         started = time.time()
         measured, before, peak = _peak_rss_during(
-            lambda rows=rows: simulation.run_pipeline(config, stages, plan, row_seconds, rows, locks,
+            lambda rows=rows: simulation.run_pipeline(config, stages, plan, row_seconds, rows, locks, reservation,
                                                       block_rows=args.memory_batch))
         figures[rows] = {"rows": measured.rows, "driver_rss_before_mb": round(before / 2**20, 1),
                          "driver_rss_peak_mb": round(peak / 2**20, 1),
@@ -156,7 +234,7 @@ def memory(args) -> dict:
 
 
 def rerank(args) -> dict:
-    from pipeline.local import prompt_batch, run_stages
+    from benchmarks.local import prompt_batch, run_stages
     from pipeline.writer import IMAGES_PREFIX, SECONDS_PREFIX
 
     prompts = [f"a benchmark prompt number {i}" for i in range(args.rerank_prompts)]
@@ -199,7 +277,7 @@ def tiny(args) -> dict:
 
     from pipeline.config import load_config
     from pipeline.run import generate
-    from pipeline.reference import Reference
+    from benchmarks.reference import Reference
 
     workdir = tempfile.mkdtemp(prefix="bench-tiny-")
     import pyarrow as pa
@@ -207,7 +285,8 @@ def tiny(args) -> dict:
 
     prompts = [f"a benchmark prompt number {i}" for i in range(args.tiny_prompts)]
     pq.write_table(pa.table({"prompt": prompts}), os.path.join(workdir, "prompts.parquet"))
-    sets = _batch_sets(args.batch_images) + ["models.clip=null", "output.mode=overwrite"]
+    batch = args.batch_images or 4
+    sets = _batch_sets(batch) + ["models.clip=null", "output.mode=overwrite"]
     config = load_config(None, sets, input_path=os.path.join(workdir, "prompts.parquet"),
                          output_path=os.path.join(workdir, "out"), preset="tiny")
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -221,7 +300,6 @@ def tiny(args) -> dict:
     reference = Reference(checkpoints.local_dir("tiny://unclip", "unclip"),
                           checkpoints.local_dir("tiny://upsampler_1024", "upsampler_1024"))
     steps = config.stages
-    batch = args.batch_images
 
     def loop():
         for i in range(0, len(prompts), batch):
@@ -253,31 +331,47 @@ def tiny(args) -> dict:
 
 def show_plan(args) -> dict:
     from pipeline import costs
-    from pipeline.plan import plan_placements, stage_specs
+    from pipeline.plan import ClusterShape, plan_placements, stage_specs
 
     config = _config(preset=args.preset, config_path=args.config, *args.overrides)
     stages = stage_specs(config)
     if args.calibrate:
-        image_costs, source = costs.calibrate(config), "calibrated on this machine"
+        from benchmarks.calibrate import calibrate
+
+        profile = calibrate(config)
     elif args.profile:
-        image_costs, source = costs.profile_costs(args.profile), f"profile {args.profile}"
+        profile = _profile(args.profile, args.gpu)
     else:
-        image_costs, source = costs.estimated_costs(config), "FLOPs estimate from the checkpoints' configs"
+        profile = costs.checkpoint_profile(config, costs.gpu_kind(args.gpu) if args.gpu else None)
     gpus = args.gpus
-    plan = plan_placements(config, stages, max(8, 4 * gpus), gpus, image_costs, rows=args.prompts)
-    print(f"plan for {gpus} GPU(s), {args.prompts} prompts, costs: {source}")
+    cluster = ClusterShape(cpus=_sim_cpus(gpus), gpus=gpus, gpu_memory_gb=profile.gpu.memory_gb)
+    plan = plan_placements(config, stages, cluster, profile.stages, rows=args.prompts)
+    print(f"plan for {gpus} x {profile.gpu.name} ({profile.gpu.memory_gb:g} GB), {args.prompts} prompts; "
+          f"costs: {profile.source}")
     print(plan.table())
-    print("\npin it with:")
-    for name, p in plan.placements.items():
-        print(f"  --set stages.{name}.replicas={p.replicas} --set stages.{name}.num_gpus={p.num_gpus}")
-    return {"mode": "plan", "gpus": gpus, "costs": image_costs, "bound": plan.bound, "predicted": plan.predicted,
+    print("\nactors per GPU (GPU i = bundle i of the run's placement group; each actor is pinned to it):")
+    hosted = plan.bundle_of_actors()
+    shown = sorted(hosted)[:8] + (sorted(hosted)[-1:] if len(hosted) > 8 else [])
+    for bundle in shown:
+        print(f"  GPU {bundle:4d}: " + ", ".join(f"{n} {plan.placements[n].num_gpus:.3f}" for n in hosted[bundle]))
+    if len(hosted) > len(shown):
+        print(f"  ... ({len(hosted) - len(shown)} more GPUs laid out the same way as their group)")
+    row_seconds = sum(plan.row_costs.values())
+    times = _batch_times(stages, plan, profile, 1.0)
+    predictions = event_predictions(stages, plan, times, args.prompts, gpus, data_parallel=False)
+    print(f"\nprediction: planner {plan.predicted / plan.bound:.3f} of the bound, event model "
+          f"{predictions['pipeline']['efficiency']:.3f} ({args.prompts} prompts, {row_seconds:.4f} GPU-s per row)")
+    return {"mode": "plan", "gpus": gpus, "gpu": profile.gpu.name, "layout": plan.layout, "source": profile.source,
+            "bound": plan.bound, "predicted": plan.predicted, "event_model": predictions,
+            "actors_per_gpu": {str(b): hosted[b] for b in sorted(hosted)},
             "plan": {n: vars(p) for n, p in plan.placements.items()}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--simulate", metavar="PROFILE", choices=["dalle2"], help="scheduling benchmark, no models")
+    mode.add_argument("--simulate", metavar="PROFILE",
+                      help="scheduling benchmark, no models: a profile name (dalle2, karlo) or a JSON profile file")
     mode.add_argument("--tiny", action="store_true", help="real tiny models vs a diffusers loop on this machine")
     mode.add_argument("--rerank", action="store_true", help="upsampler work per kept image by rerank.at")
     mode.add_argument("--memory", action="store_true", help="driver peak RSS for a simulated run of --prompts")
@@ -286,7 +380,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--ideal-seconds", type=float, default=120.0,
                         help="--simulate: length of a perfectly balanced run (sets the time scale)")
-    parser.add_argument("--batch-images", type=int, default=4, help="images per forward pass in every stage")
+    parser.add_argument("--batch-images", type=int, default=None,
+                        help="images per forward pass in every stage (default: the planner's choice)")
+    parser.add_argument("--gpu", help="GPU kind for memory and speed (t4, a10g, l4, a100-40gb, a100-80gb, h100-80gb); "
+                                      "default: the profile's")
+    parser.add_argument("--max-ray-gpus", type=int, default=16,
+                        help="--simulate: above this many GPUs only the event model runs (Ray would need a process "
+                             "per actor on this machine)")
     parser.add_argument("--default-fraction", type=int, default=8,
                         help="--simulate: ray_data_default runs on prompts / this (it is slow)")
     parser.add_argument("--memory-batch", type=int, default=1000)
@@ -294,7 +394,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep", type=int, default=1)
     parser.add_argument("--rerank-prompts", type=int, default=4)
     parser.add_argument("--tiny-prompts", type=int, default=24)
-    parser.add_argument("--profile", choices=["dalle2"], help="--plan: use a cost profile instead of the checkpoints")
+    parser.add_argument("--profile", help="--plan: a cost profile (dalle2, karlo, or a JSON file) instead of the "
+                                          "checkpoints")
     parser.add_argument("--calibrate", action="store_true", help="--plan: measure stage costs on this machine")
     parser.add_argument("--config")
     parser.add_argument("--preset", default="tiny")

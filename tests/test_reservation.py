@@ -1,0 +1,49 @@
+"""GPU reservation: bundles are waited for, a shortfall fails with one line, and actors land on their bundle."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.reservation import GpuReservation, ReservationTimeout
+
+
+def test_more_gpus_than_the_cluster_can_give_time_out_with_one_line_and_free_the_rest(ray_session):
+    said = []
+    reservation = GpuReservation(3, 0.1)  # the session cluster has 2 GPUs and no autoscaler
+    with pytest.raises(ReservationTimeout) as failure:
+        reservation.wait(1.0, said.append)
+    message = str(failure.value)
+    assert "did not provide 3 GPU(s)" in message and "run.gpu_wait_s" in message and "\n" not in message
+    assert said and "waiting for 3 GPU(s)" in said[0]
+    assert reservation.group is None, "a failed reservation holds nothing"
+    ray = ray_session
+    again = GpuReservation(2, 0.1)  # what the failed one asked for is free again
+    again.wait(30.0, said.append)
+    again.release()
+    assert ray.is_initialized()
+
+
+def test_pinned_actors_run_on_their_bundles_gpu(ray_session):
+    ray = ray_session
+    reservation = GpuReservation(2, 0.5)
+    reservation.wait(30.0, print)
+    try:
+        @ray.remote(num_gpus=0.25, num_cpus=0.1)
+        class Where:
+            def where(self):
+                from pipeline.progress import actor_location
+
+                return actor_location()
+
+        pin = reservation.pin([1, 0, 1], {"env_vars": {"KEPT": "yes"}})
+        actors = [Where.options(**pin()).remote() for _ in range(3)]
+        seen = ray.get([a.where.remote() for a in actors])
+        assert [s["bundle"] for s in seen] == [1, 0, 1]
+        assert seen[0]["gpu_ids"] == seen[2]["gpu_ids"] != seen[1]["gpu_ids"]
+        extra = pin()  # a replacement beyond the planned actors may take any bundle with room
+        assert extra["scheduling_strategy"].placement_group_bundle_index == -1
+        assert extra["runtime_env"]["env_vars"]["KEPT"] == "yes", "the pool's own environment is kept"
+        for actor in actors:
+            ray.kill(actor)
+    finally:
+        reservation.release()
