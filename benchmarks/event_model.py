@@ -28,6 +28,7 @@ import argparse
 import heapq
 import math
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -68,8 +69,9 @@ class RayOverheads:
     loop_work_s: float = 0.015
     """Mean seconds each loop works after its wait besides dispatching (spread evenly over 0 to twice it)."""
     dispatch_s: float = 0.008
-    """Seconds of the loop's single thread per task it dispatches: a loop dispatching many tasks is long,
-    and its later tasks go out later."""
+    """Seconds of the loop's single thread per task it dispatches (it re-ranks the operators and recomputes
+    every operator's resource budget after each one; 5 to 9 ms with six pools on the 2-core machine). A loop
+    that dispatches many tasks is long, and the thread caps the whole chain at 1 / dispatch_s tasks/s."""
     emit_on_time: tuple[float, ...] = (0.45, 0.6, 0.77, 0.82, 0.86, 0.91)
     """Chance that a task's output goes out (and its slot frees) on the loop that notices it, for the last
     stage, the one before it, and so on (further up: the last value). The metadata thread fetches for the
@@ -459,6 +461,29 @@ def simulate_mean(order: list[str], actors: list[ActorSpec], timing: dict[str, S
 # ---------------------------------------------------------------- layouts
 
 
+def placed_actors(order: list[str], placements: dict[str, tuple[int, float]], gpus: int) -> list[ActorSpec]:
+    """Where Ray puts each pool's actors, given (replicas, num_gpus) per stage: pools start in stage order,
+    a fractional actor goes to the GPU with the least room that still fits it (the lowest index on ties),
+    a whole-GPU actor to the first empty GPU. This is what the traced runs showed."""
+    free = [1.0] * gpus
+    specs: list[ActorSpec] = []
+    for name in order:
+        replicas, share = placements[name]
+        if share > 1 + 1e-9:
+            raise ValueError(f"{name}: actors spanning several GPUs are not modelled")
+        for _ in range(replicas):
+            if share <= 0:
+                specs.append(ActorSpec(name, None))
+                continue
+            fits = [(room, gpu) for gpu, room in enumerate(free) if room >= share - 1e-9]
+            if not fits:
+                raise ValueError(f"{name}: an actor asking for {share:g} GPU does not fit on {gpus} GPUs")
+            _, gpu = min(fits)
+            free[gpu] -= share
+            specs.append(ActorSpec(name, gpu))
+    return specs
+
+
 def colocated_actors(order: list[str], gpus: int) -> list[ActorSpec]:
     """Every GPU hosts one actor of every stage (pools start in stage order, a pool's actor i on GPU i)."""
     return [ActorSpec(name, gpu) for name in order for gpu in range(gpus)]
@@ -501,7 +526,7 @@ def dedicated_actors(order: list[str], timing: dict[str, StageTiming], gpus: int
     # Loops stretch with the dispatches they make (a thread saturated by them has no steady loop at all),
     # and a slot's hand-off round trip takes up to about three of them.
     dispatches_per_s = rate * sum(1 / timing[n].batch_rows for n in order)
-    busy_share = min(0.9, overheads.dispatch_s * dispatches_per_s)
+    busy_share = min(0.5, overheads.dispatch_s * dispatches_per_s)  # past that, more actors cannot help
     loop = overheads.loop_s() / (1 - busy_share)
     round_trip = 3 * loop + overheads.task_start_s + overheads.task_start_jitter_s
 
@@ -533,8 +558,6 @@ DALLE2_IMAGE_COSTS = {"text_encoder": 0.0004, "prior": 0.1662, "decoder": 0.4487
 
 
 def main(argv=None) -> int:
-    import time
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.event_model", description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--batch-rows", type=int, default=4)

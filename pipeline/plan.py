@@ -17,6 +17,10 @@ OVERHEAD_SHARE = 0.05
 """batch_size 'auto' with memory figures: the smallest batch whose per-batch overhead is at most this share
 of the batch's time (larger batches only cost memory and pipeline latency)."""
 MAX_AUTO_BATCH = 64
+COUPLING_LOSS = 0.03
+"""What GPUs of different groups lose waiting on each other's queues, beyond the slowest group's rate (the
+event model of the pipeline, benchmarks/event_model.py, puts it at 2-4%); co-located GPUs run the whole
+chain each and lose none of it, so a layout with several groups must beat them by more than this."""
 TASK_CPUS_RESERVED = 1.0
 ACTOR_CPUS_PER_GPU = 2.0
 """CPUs reserved with each GPU for its actors: they feed the GPU one at a time, so more would only take CPUs
@@ -231,19 +235,35 @@ class _Planner:
     def actor_memory(self, name: str, batch: int) -> float:
         return self.costs[name].memory_gb(batch) + CUDA_CONTEXT_GB
 
-    def fit_batches(self, names: list[str]) -> dict[str, int] | None:
-        """Batches for stages sharing one GPU, halving the hungriest 'auto' batch until they fit; None if
-        they cannot fit even then."""
-        batches = {n: self.batch_for(n, self.memory) for n in names}
+    def fit_batches(self, names: list[str], in_step: bool = False) -> dict[str, int] | None:
+        """Images per forward for stages sharing one GPU; None if they cannot fit on it together.
+
+        Each 'auto' stage starts at the size that amortises its per-batch overhead. When every GPU hosts every
+        stage, each GPU runs the whole chain and the queues between stages pace it, so the sizes may differ;
+        the hungriest is halved until the group fits. When the group's output feeds GPUs of other groups
+        (`in_step`), its stages move the same rows per batch instead: actors on one GPU take turns, a batch
+        each, so a stage with 3-row batches among 50-row ones would get a sixteenth of their rows and starve
+        the GPUs downstream; with equal rows each round of turns carries its rows through every stage. Without
+        a memory figure (fake GPUs) each stage keeps its own fallback size.
+        """
         if self.memory is None:
-            return batches
+            return {n: self.batch_for(n, None) for n in names}
         budget = self.memory * MEMORY_MARGIN
+        auto = [n for n in names if self.settings[n].batch_size == "auto"]
+        batches = {n: self.batch_for(n, self.memory) for n in names}
+        if in_step:
+            rows = max((max(1, batches[n] // self.per_row[n]) for n in auto), default=1)
+            batches.update({n: rows * self.per_row[n] for n in auto})
         while sum(self.actor_memory(n, b) for n, b in batches.items()) > budget:
-            shrinkable = [n for n in names if self.settings[n].batch_size == "auto" and batches[n] > 1]
+            shrinkable = [n for n in auto if batches[n] > self.per_row[n]]
             if not shrinkable:
                 return None
-            hungriest = max(shrinkable, key=lambda n: self.costs[n].activation_gb_per_image * batches[n])
-            batches[hungriest] //= 2
+            if in_step:
+                rows = max(1, batches[shrinkable[0]] // self.per_row[shrinkable[0]] // 2)
+                batches.update({n: rows * self.per_row[n] for n in auto})
+            else:
+                hungriest = max(shrinkable, key=lambda n: self.costs[n].activation_gb_per_image * batches[n])
+                batches[hungriest] = max(self.per_row[hungriest], batches[hungriest] // 2)
         return batches
 
     # ------------------------------------------------------------ the plan
@@ -330,14 +350,19 @@ class _Planner:
                 continue
             group_batches = {}
             for group in partition:
-                fitted = self.fit_batches(group)
+                fitted = self.fit_batches(group, in_step=len(partition) > 1)
                 if fitted is None:
                     break
                 group_batches.update(fitted)
             else:
                 group_costs = [sum(self.row_cost(n, group_batches[n]) for n in group) for group in partition]
                 counts = _share_gpus(group_costs, gpus)
-                rate = min((c / cost for c, cost in zip(counts, group_costs) if cost > 0), default=float("inf"))
+                steady = min((c / cost for c, cost in zip(counts, group_costs) if cost > 0), default=float("inf"))
+                drain = sum(max(1, group_batches[n] // self.per_row[n]) * self.row_cost(n, group_batches[n])
+                            for n in names)
+                rate = self.rows / (self.rows / steady + drain) if steady < float("inf") else steady
+                if len(partition) > 1:
+                    rate *= 1 - COUPLING_LOSS
                 key = (rate * (1 - 1e-9), -len(partition))
                 if best is None or key > best[0]:
                     ordered = [sorted(g, key=names.index) for g in partition]

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.event_model import (NO_OVERHEADS, ActorSpec, RayOverheads, StageTiming, _LeastLoaded,
                                     bound_rows_per_s, colocated_actors, data_parallel, dedicated_actors,
-                                    efficiency, simulate, simulate_mean)
+                                    efficiency, placed_actors, simulate, simulate_mean)
 
 
 def test_one_stage_one_gpu_runs_its_batches_back_to_back():
@@ -157,3 +157,17 @@ def test_the_executor_thread_caps_dispatches_per_second():
     result = simulate(["only"], actors, timing, rows=4000, gpus=20, overheads=slow)
     assert result.span_s > 1000 * 0.01
     assert result.throughput < 100 * 4
+
+
+def test_placed_actors_reproduce_rays_best_fit_of_the_8_gpu_plan():
+    # The planner's dalle2 plan on 8 GPUs (replicas, num_gpus), and where the traced Ray run put each actor.
+    order = ["text_encoder", "prior", "decoder", "reranker", "upsampler_256", "upsampler_1024"]
+    plan = {"text_encoder": (1, 0.004), "prior": (3, 0.432), "decoder": (7, 0.5), "reranker": (1, 0.021),
+            "upsampler_256": (1, 0.605), "upsampler_1024": (7, 0.33)}
+    gpus_of = {}
+    for spec in placed_actors(order, plan, 8):
+        gpus_of.setdefault(spec.stage, []).append(spec.gpu)
+    assert gpus_of == {"text_encoder": [0], "prior": [0, 0, 1], "decoder": [1, 2, 2, 3, 3, 4, 4], "reranker": [1],
+                       "upsampler_256": [5], "upsampler_1024": [5, 6, 6, 6, 7, 7, 7]}
+    with pytest.raises(ValueError, match="does not fit"):
+        placed_actors(order, {**plan, "upsampler_256": (2, 0.605)}, 8)

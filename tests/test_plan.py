@@ -103,7 +103,7 @@ def test_auto_batch_amortises_overhead_within_memory():
     cfg = config()
     cost = {n: StageCost(seconds_per_image=0.1, batch_overhead_s=0.5, weights_gb=1, activation_gb_per_image=1)
             for n in STAGES}
-    roomy = plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=64, gpus=8, gpu_memory_gb=400), cost)
+    roomy = plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=64, gpus=8, gpu_memory_gb=1000), cost)
     # overhead <= 5% of a batch's time: b >= 0.5 * 0.95 / (0.05 * 0.1) = 95, capped at 64
     assert all(p.batch_images == 64 for p in roomy.placements.values())
     tight = plan_placements(cfg, stage_specs(cfg), ClusterShape(cpus=64, gpus=8, gpu_memory_gb=24), cost)
