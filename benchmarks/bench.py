@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-STAGES_ALL = ("text_encoder", "prior", "decoder", "reranker", "upsampler_256", "upsampler_1024")
+from pipeline.config import STAGE_NAMES
+
 
 
 def _config(*sets: str, preset: str = "tiny", config_path: str | None = None):
@@ -25,7 +26,7 @@ def _config(*sets: str, preset: str = "tiny", config_path: str | None = None):
 
 
 def _batch_sets(images: int) -> list[str]:
-    return [f"stages.{name}.batch_size={images}" for name in STAGES_ALL]
+    return [f"stages.{name}.batch_size={images}" for name in STAGE_NAMES]
 
 
 def _init_ray(gpus: int, cpus: int | None = None) -> None:
@@ -81,17 +82,29 @@ def _batch_times(stages, plan, profile, scale: float) -> dict:
                               profile.stages[s.name].seconds_per_image * s.images_per_row * scale) for s in stages}
 
 
-def data_parallel_memory(stages, plan, profile) -> float:
-    """GB one GPU needs to hold every model, running one stage at a time at its planned batch."""
-    from pipeline.plan import CUDA_CONTEXT_GB
+def data_parallel_batches(stages, plan, profile) -> tuple[dict[str, int] | None, float]:
+    """Data parallel in its best form: every model on every GPU, one stage running at a time, each stage at
+    the product's batch rows, halved (largest activations first) until everything fits. Returns the rows per
+    batch of each stage (None: does not fit even at one row) and the GB it needs."""
+    from pipeline.costs import CUDA_CONTEXT_GB
 
-    weights = sum(profile.stages[s.name].weights_gb for s in stages)
-    activations = max(profile.stages[s.name].activation_gb_per_image * plan.placements[s.name].batch_images
-                      for s in stages)
-    return weights + activations + CUDA_CONTEXT_GB
+    rows = {s.name: plan.placements[s.name].batch_rows for s in stages}
+    per_row = {s.name: s.images_per_row for s in stages}
+    weights = sum(profile.stages[s.name].weights_gb for s in stages) + CUDA_CONTEXT_GB
+
+    def activations(name):
+        return profile.stages[name].activation_gb_per_image * rows[name] * per_row[name]
+
+    budget = profile.gpu.memory_gb * 0.9
+    while weights + max(activations(n) for n in rows) > budget:
+        hungriest = max(rows, key=activations)
+        if rows[hungriest] == 1:
+            return None, weights + activations(hungriest)
+        rows[hungriest] //= 2
+    return rows, weights + max(activations(n) for n in rows)
 
 
-def event_predictions(stages, plan, times, rows: int, gpus: int, data_parallel: bool) -> dict:
+def event_predictions(stages, plan, times, rows: int, gpus: int, bound: float, dp_rows: dict | None) -> dict:
     """The event model of the same dynamics: the product's layout and, if it fits, data parallel."""
     import math
 
@@ -100,14 +113,13 @@ def event_predictions(stages, plan, times, rows: int, gpus: int, data_parallel: 
     timing = {s.name: event_model.StageTiming(times[s.name].overhead_s, times[s.name].seconds_per_row,
                                               plan.placements[s.name].batch_rows) for s in stages}
     actors = [event_model.ActorSpec(s.name, bundle) for s in stages for bundle in plan.placements[s.name].bundles]
-    bound = gpus / sum(timing[n].batch_overhead_s / timing[n].batch_rows + timing[n].seconds_per_row for n in timing)
-    out = {"pipeline": event_model.simulate([s.name for s in stages], actors, timing, rows, gpus)}
-    if data_parallel:
-        lcm = math.lcm(*[t.batch_rows for t in timing.values()])
-        whole = event_model.StageTiming(sum(t.batch_overhead_s * lcm / t.batch_rows for t in timing.values()),
-                                        sum(t.seconds_per_row for t in timing.values()), lcm)
-        out["data_parallel"] = event_model.simulate(["all"], [event_model.ActorSpec("all", g) for g in range(gpus)],
-                                                    {"all": whole}, rows, gpus)
+    out = {"pipeline": event_model.simulate_mean([s.name for s in stages], actors, timing, rows, gpus, repeats=3)}
+    if dp_rows:
+        block = max(dp_rows.values())  # one task carries a block through every stage, in micro-batches
+        whole = event_model.StageTiming(sum(times[n].overhead_s * math.ceil(block / b) for n, b in dp_rows.items()),
+                                        sum(times[n].seconds_per_row for n in dp_rows), block)
+        out["data_parallel"] = event_model.simulate_mean(
+            ["all"], [event_model.ActorSpec("all", g) for g in range(gpus)], {"all": whole}, rows, gpus, repeats=3)
     return {name: {"efficiency": round(r.throughput / bound, 4), "throughput": round(r.throughput, 4)}
             for name, r in out.items()}
 
@@ -122,15 +134,20 @@ def simulate(args) -> dict:
     print(plan.table())
     row_seconds = sum(profile.stages[s.name].seconds_per_image_at(plan.placements[s.name].batch_images)
                       * s.images_per_row for s in stages)
-    # Simulated seconds per real GPU-second, so the ideal run lasts --ideal-seconds.
-    scale = args.ideal_seconds * args.gpus / (args.prompts * row_seconds)
+    ray_runs = args.gpus <= args.max_ray_gpus
+    # Simulated seconds per real GPU-second: Ray runs are squeezed so the ideal run lasts --ideal-seconds (and
+    # the event model runs at the same scale, to be checked against them); the event model alone runs in real
+    # GPU-seconds, where Ray's fixed per-task costs weigh what they would on a real cluster.
+    scale = args.ideal_seconds * args.gpus / (args.prompts * row_seconds) if ray_runs else 1.0
     times = _batch_times(stages, plan, profile, scale)
-    dp_memory = data_parallel_memory(stages, plan, profile)
-    dp_fits = dp_memory <= profile.gpu.memory_gb * 0.9
-    predictions = event_predictions(stages, plan, times, args.prompts, args.gpus, dp_fits)
+    bound = args.gpus / sum(times[s.name].of(plan.placements[s.name].batch_rows) / plan.placements[s.name].batch_rows
+                            for s in stages)
+    dp_rows, dp_memory = data_parallel_batches(stages, plan, profile)
+    dp_fits = dp_rows is not None
+    predictions = event_predictions(stages, plan, times, args.prompts, args.gpus, bound, dp_rows)
     results: dict = {}
     started = time.time()
-    if args.gpus <= args.max_ray_gpus:
+    if ray_runs:
         _init_ray(args.gpus, _sim_cpus(args.gpus))
         locks = tempfile.mkdtemp(prefix="simgpu-")
         reservation = GpuReservation(args.gpus, plan.bundle_cpus)
@@ -141,14 +158,16 @@ def simulate(args) -> dict:
         results["ray_data_default"] = simulation.run_ray_data_default(stages, plan, times, default_rows, args.gpus,
                                                                       locks)
         if dp_fits:
-            results["data_parallel"] = simulation.run_data_parallel(stages, plan, times, args.prompts, args.gpus, locks)
+            results["data_parallel"] = simulation.run_data_parallel(stages, dp_rows, times, args.prompts, args.gpus,
+                                                                    locks, bound)
     elapsed = time.time() - started
     table = [("schedule", "prompts", "span s", "throughput (sim rows/s)", "efficiency (Ray)", "efficiency (event model)")]
     for name in ("pipeline", "ray_data_default", "data_parallel"):
         m = results.get(name)
         predicted = predictions.get(name, {}).get("efficiency", "-")
         if name == "data_parallel" and not dp_fits:
-            table.append((name, "-", "-", "-", f"does not fit ({dp_memory:.1f} GB > {profile.gpu.memory_gb:g} GB)", "-"))
+            table.append((name, "-", "-", "-", f"does not fit (>= {dp_memory:.1f} GB at batch 1; "
+                                               f"{profile.gpu.memory_gb:g} GB GPUs)", "-"))
         elif m is not None or name in predictions:
             table.append((name, m.rows if m else "-", m.span_s if m else "-", m.throughput if m else "-",
                           m.efficiency if m else "-", predicted))
@@ -158,6 +177,7 @@ def simulate(args) -> dict:
     efficiency = ours.efficiency if ours else predictions["pipeline"]["efficiency"]
     return {
         "mode": "simulate", "profile": args.simulate, "gpu": profile.gpu.name, "gpus": args.gpus,
+        "data_parallel_memory_gb": round(dp_memory, 2), "data_parallel_batch_rows": dp_rows,
         "prompts": args.prompts, "layout": plan.layout,
         "efficiency": efficiency, "throughput": ours.throughput if ours else None, "bound": ours.bound if ours else None,
         "measured_by": "ray" if ours else "event model",
@@ -358,7 +378,9 @@ def show_plan(args) -> dict:
         print(f"  ... ({len(hosted) - len(shown)} more GPUs laid out the same way as their group)")
     row_seconds = sum(plan.row_costs.values())
     times = _batch_times(stages, plan, profile, 1.0)
-    predictions = event_predictions(stages, plan, times, args.prompts, gpus, data_parallel=False)
+    bound = gpus / sum(times[s.name].of(plan.placements[s.name].batch_rows) / plan.placements[s.name].batch_rows
+                       for s in stages)
+    predictions = event_predictions(stages, plan, times, args.prompts, gpus, bound, None)
     print(f"\nprediction: planner {plan.predicted / plan.bound:.3f} of the bound, event model "
           f"{predictions['pipeline']['efficiency']:.3f} ({args.prompts} prompts, {row_seconds:.4f} GPU-s per row)")
     return {"mode": "plan", "gpus": gpus, "gpu": profile.gpu.name, "layout": plan.layout, "source": profile.source,

@@ -169,15 +169,14 @@ class AllStages:
         return {"id": batch["id"], BEGIN_PREFIX + "all": np.full(rows, began), END_PREFIX + "all": np.full(rows, time.time())}
 
 
-def run_data_parallel(stages, plan, times: dict[str, BatchTime], rows: int, gpus: int, lock_dir: str) -> Measurement:
-    import math
-
+def run_data_parallel(stages, batch_rows: dict[str, int], times: dict[str, BatchTime], rows: int, gpus: int,
+                      lock_dir: str, bound: float) -> Measurement:
+    """Every GPU holds every model and runs each batch through all stages, each at its own batch rows."""
     import ray.data
 
-    stage_batches = [(times[s.name], plan.placements[s.name].batch_rows) for s in stages]
-    # Whole multiples of every stage's micro-batch, so no stage runs a short batch in steady state.
-    batch_rows = math.lcm(*[b for _, b in stage_batches])
-    dataset = source(rows).repartition(target_num_rows_per_block=batch_rows).map_batches(
-        AllStages, fn_constructor_args=(stage_batches, lock_dir), batch_size=batch_rows,
+    stage_batches = [(times[s.name], batch_rows[s.name]) for s in stages]
+    block = max(b for _, b in stage_batches)  # one task carries a block through every stage, in micro-batches
+    dataset = source(rows).repartition(target_num_rows_per_block=block).map_batches(
+        AllStages, fn_constructor_args=(stage_batches, lock_dir), batch_size=block,
         compute=ray.data.ActorPoolStrategy(size=gpus, max_tasks_in_flight_per_actor=2), num_gpus=1, num_cpus=0.1)
-    return measure(dataset, "all", "all", _bound(gpus, stages, plan, times))
+    return measure(dataset, "all", "all", bound)

@@ -179,6 +179,10 @@ class StagesConfig:
     reranker: RerankerStageConfig = field(default_factory=RerankerStageConfig)
 
 
+STAGE_NAMES = tuple(f.name for f in dataclasses.fields(StagesConfig))
+"""Every stage a run can have, as the config spells them (stages.<name>)."""
+
+
 @dataclass
 class ModelsConfig:
     """Checkpoint sources: a local directory, any fsspec URL, or a built-in `tiny://` checkpoint."""

@@ -31,11 +31,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.config import ConfigError, StagesConfig
+from pipeline.config import STAGE_NAMES, ConfigError
 
 GIB = 2**30
 """Every *_gb figure in this module is GiB (2^30 bytes), as torch.cuda reports memory."""
-STAGE_NAMES = tuple(f.name for f in dataclasses.fields(StagesConfig))
 CUDA_CONTEXT_GB = 0.5
 """Memory each actor process spends before it holds a tensor: the CUDA context, cuBLAS/cuDNN handles and loaded
 kernels: nvidia-smi shows 0.3-0.5 GiB for a process that has only initialised CUDA, cuBLAS and cuDNN with CUDA's

@@ -51,6 +51,8 @@ def check_ray_job_spec(spec: dict, window: str) -> None:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert len(images) == 1 and images.pop()  # one image everywhere, so driver and workers agree
     assert gpus >= 1
+    # The run waits for every worker GPU rather than planning for the ones that joined before it started.
+    assert config.run.gpus == gpus
     assert spec["shutdownAfterJobFinishes"] is True
 
 

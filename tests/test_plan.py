@@ -6,12 +6,12 @@ import random
 
 import pytest
 
+from pipeline.config import STAGE_NAMES as STAGES
 from pipeline.config import ConfigError, load_config
 from pipeline.costs import StageCost
 from pipeline.plan import MEMORY_MARGIN, ClusterShape, plan_placements, stage_specs
 from pipeline.plan import CUDA_CONTEXT_GB
 
-STAGES = ("text_encoder", "prior", "decoder", "reranker", "upsampler_256", "upsampler_1024")
 # GPU-seconds per image in the proportions of DALL-E 2's published model sizes and steps; no overheads.
 PAPER_SECONDS = {"text_encoder": 0.0004, "prior": 0.166, "decoder": 0.449, "reranker": 0.0026,
                  "upsampler_256": 0.0775, "upsampler_1024": 0.295}
