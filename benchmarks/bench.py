@@ -55,7 +55,11 @@ def _print_rows(title: str, rows: list[tuple]) -> None:
 def _profile(name_or_path: str, gpu: str | None):
     from pipeline import costs
 
+    import dataclasses
+
     profile = costs.load_profile(name_or_path)
+    # A profile may leave stages out: they cost nothing.
+    profile = dataclasses.replace(profile, stages={n: profile.stages.get(n, costs.StageCost()) for n in STAGE_NAMES})
     return profile.on(costs.gpu_kind(gpu)) if gpu else profile
 
 

@@ -208,7 +208,7 @@ class ModelsConfig:
 
 @dataclass
 class RerankConfig:
-    """CLIP reranking of each prompt's candidates (SPEC 5)."""
+    """CLIP reranking of each prompt's candidates."""
 
     candidates: int = 1
     """Images generated per prompt (N)."""

@@ -1,4 +1,4 @@
-"""Seed derivation and the per-candidate generator state that travels with a row (SPEC 4).
+"""Seed derivation and the per-candidate generator state that travels with a row (the exactness contract: see README, "The seed contract").
 
 Derivation (stable; users script against it):
 - a row's base seed is its `seed` column value when present (0 <= seed < 2^63); otherwise

@@ -79,6 +79,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def within_tolerance(a: np.ndarray, b: np.ndarray) -> bool:
-    """SPEC 4: PSNR >= 40 dB and >= 99% of uint8 pixels within 2 levels."""
+    """The exactness tolerance: PSNR >= 40 dB and >= 99% of uint8 pixels within 2 levels."""
     close = np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16)) <= 2)
     return psnr(a, b) >= 40 and close >= 0.99

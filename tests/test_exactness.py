@@ -1,4 +1,4 @@
-"""SPEC 4: every image equals diffusers' UnCLIPPipeline (+ StableDiffusionUpscalePipeline) for its recorded seed."""
+"""Exactness: every image equals diffusers' UnCLIPPipeline (+ StableDiffusionUpscalePipeline) for its recorded seed."""
 
 from __future__ import annotations
 

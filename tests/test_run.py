@@ -14,7 +14,7 @@ from PIL import Image
 from jobs.generate import main
 from tests.conftest import FAST_STEPS, model_overrides, write_prompts
 
-SPEC_COLUMNS = {"id", "prompt", "seed", "candidate", "rank", "clip_score", "candidate_scores", "image_key",
+METADATA_COLUMNS = {"id", "prompt", "seed", "candidate", "rank", "clip_score", "candidate_scores", "image_key",
                 "width", "height", "status", "error", "truncated"}
 
 
@@ -32,7 +32,7 @@ def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_sessio
     assert "3 ok, 0 error" in printed and str(output) in printed
 
     table = pq.read_table(output / "metadata")
-    assert SPEC_COLUMNS <= set(table.column_names)
+    assert METADATA_COLUMNS <= set(table.column_names)
     rows = table.to_pylist()
     assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
     for row in rows:
