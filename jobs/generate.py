@@ -10,7 +10,7 @@ from pipeline.checkpoints import CheckpointError
 from pipeline.config import ConfigError, load_config
 from pipeline.output import OutputError
 from pipeline.reader import InputError
-from pipeline.run import RunFailed
+from pipeline.run import RunFailed, disconnect_ray
 
 RUN_LEVEL_ERRORS = (ConfigError, InputError, CheckpointError, OutputError, RunFailed)
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = generate(config)
     except RUN_LEVEL_ERRORS as exc:
+        disconnect_ray()  # stops Ray streaming the failed actors' logs, so the error is the last line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = result.summary

@@ -66,6 +66,10 @@ def preflight(config: Config) -> reader.InputInfo:
     return reader.preflight(config)
 
 
+_CONNECTED_HERE = []
+"""Set when connect_ray started this process's Ray connection (not a caller's, e.g. a notebook's)."""
+
+
 def connect_ray() -> None:
     """Join the cluster in RAY_ADDRESS (or the one this process already has), else start a local Ray."""
     import ray
@@ -74,6 +78,16 @@ def connect_ray() -> None:
         return
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
              logging_level=logging.WARNING)
+    _CONNECTED_HERE.append(True)
+
+
+def disconnect_ray() -> None:
+    """Drop the Ray connection connect_ray made (a caller's own connection is left alone)."""
+    import ray
+
+    if _CONNECTED_HERE and ray.is_initialized():
+        ray.shutdown()
+        _CONNECTED_HERE.clear()
 
 
 def planned_cluster(config: Config) -> ClusterShape:
