@@ -358,9 +358,8 @@ class _Planner:
                 group_costs = [sum(self.row_cost(n, group_batches[n]) for n in group) for group in partition]
                 counts = _share_gpus(group_costs, gpus)
                 steady = min((c / cost for c, cost in zip(counts, group_costs) if cost > 0), default=float("inf"))
-                drain = sum(max(1, group_batches[n] // self.per_row[n]) * self.row_cost(n, group_batches[n])
-                            for n in names)
-                rate = self.rows / (self.rows / steady + drain) if steady < float("inf") else steady
+                rate = self._with_drain(steady, {n: (max(1, group_batches[n] // self.per_row[n]),
+                                                     self.row_cost(n, group_batches[n])) for n in names})
                 if len(partition) > 1:
                     rate *= 1 - COUPLING_LOSS
                 key = (rate * (1 - 1e-9), -len(partition))
@@ -442,8 +441,14 @@ class _Planner:
             if cost > 0:
                 rates.append(len(group.bundles) / cost)
         steady = min(rates) if rates else float("inf")
-        # The last rows pass every stage one batch after another, on GPUs that are otherwise idle by then.
-        drain = sum(plan.placements[n].batch_rows * c for n, c in gpu_costs.items())
+        return self._with_drain(steady, {n: (plan.placements[n].batch_rows, c) for n, c in gpu_costs.items()})
+
+    def _with_drain(self, steady: float, batches: dict[str, tuple[int, float]]) -> float:
+        """Rows/s over `rows`: the steady rate, plus the last rows passing every stage one batch after another
+        (stage -> (rows per batch, GPU-seconds per row)) on GPUs that are otherwise idle by then."""
+        if steady == float("inf"):
+            return steady
+        drain = sum(rows * cost for rows, cost in batches.values())
         return self.rows / (self.rows / steady + drain)
 
 
