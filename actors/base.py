@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GENERATOR_STATE = "generator_state"
+FINAL_IMAGE = "image"
 
 
 class StageLoadError(RuntimeError):
@@ -36,7 +37,8 @@ class StageContext:
     num_threads: int = 1
     """torch intra-op threads when computing on CPU."""
     final_image: bool = False
-    """This stage produces the run's final images: emit uint8 HWC `image` instead of float pixels."""
+    """This stage produces the run's final images: it returns float [0, 1] NCHW pixels as `image`, which the
+    base class checks for NaN/inf and then emits as uint8 HWC."""
     options: dict = field(default_factory=dict)
     """Stage-specific wiring (e.g. which column the reranker scores)."""
     progress_board: str | None = None
@@ -79,6 +81,8 @@ class StageActor:
     """Outputs have no candidate axis (the text encoder)."""
     uses_generators: ClassVar[bool] = False
     """Continue each candidate's generator from `generator_state` (or start it from `seeds`)."""
+    fixed_dtype: ClassVar[torch.dtype | None] = None
+    """Compute in this dtype whatever `dtype` the run configures; None: the configured one."""
 
     def __init__(self, context: StageContext):
         self.context = context
@@ -99,7 +103,7 @@ class StageActor:
         self.batch_images = context.batch_images or self.settings.batch_images()
         self.oom_halvings = 0
         """Times a forward pass ran out of GPU memory and was retried as two halves."""
-        self.dtype = resolve_dtype(self.settings.dtype or self.config.dtype, self.device)
+        self.dtype = self.fixed_dtype or resolve_dtype(self.settings.dtype or self.config.dtype, self.device)
         self.output_spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         """Per-image (or per-row) shape and dtype of each output; filled by load()."""
         try:
@@ -109,8 +113,7 @@ class StageActor:
             raise StageLoadError(f"stage {self.name} could not load its model: {detail}") from exc
         self.reporter = progress.StageReporter(self.name, context.progress_board)
         if self.uses_generators:
-            state_bytes = torch.Generator(device=self.device).get_state().numel()
-            self.output_spec[GENERATOR_STATE] = ((state_bytes,), np.dtype(np.uint8))
+            self.output_spec[GENERATOR_STATE] = ((seeds.GENERATOR_STATE_BYTES,), np.dtype(np.uint8))
 
     # ------------------------------------------------------------ to implement
 
@@ -200,6 +203,11 @@ class StageActor:
             start += size
         merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         failures = self._non_finite_rows(merged, n_rows, per)
+        if self.context.final_image:
+            # Converted only after the check: cast to uint8, a NaN image would pass as a black one. The rows
+            # that failed are error rows, so zeroing their non-finite values only keeps the cast defined.
+            finite = np.nan_to_num(merged[FINAL_IMAGE], nan=0.0, posinf=1.0, neginf=0.0)
+            merged[FINAL_IMAGE] = to_uint8_hwc(torch.from_numpy(finite))
         shaped = {k: (v if self.per_row else v.reshape((n_rows, per) + v.shape[1:])) for k, v in merged.items()}
         return shaped, failures
 
@@ -230,9 +238,10 @@ class StageActor:
         return [result]
 
     def _generators(self, chunk: dict[str, np.ndarray]) -> list[torch.Generator]:
+        # CPU generators on any device: the same seed gives the same draws on every GPU model.
         if GENERATOR_STATE in chunk:
-            return [seeds.restore_generator(state, self.device) for state in chunk[GENERATOR_STATE]]
-        return [seeds.new_generator(seed, self.device) for seed in chunk["seeds"]]
+            return [seeds.restore_generator(state) for state in chunk[GENERATOR_STATE]]
+        return [seeds.new_generator(seed) for seed in chunk["seeds"]]
 
     def _non_finite_rows(self, merged: dict[str, np.ndarray], n_rows: int, per: int) -> dict[int, str]:
         failures: dict[int, str] = {}

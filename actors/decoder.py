@@ -8,13 +8,12 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from actors.base import StageActor
-from actors.prior import TEXT_INPUTS, guidance_inputs
+from actors.prior import TEXT_INPUTS, guidance_inputs, unclip_guidance
 
 
 def sample_decoder(text_proj, decoder, scheduler, text: dict[str, torch.Tensor], image_embeds: torch.Tensor,
-                   generators: list[torch.Generator], *, steps: int, guidance_scale: float) -> torch.Tensor:
-    """Decode image embeddings to images in [-1, 1] at the decoder's sample size."""
-    cfg = guidance_scale > 1.0
+                   generators: list[torch.Generator], *, steps: int, guidance_scale: float, cfg: bool) -> torch.Tensor:
+    """Decode image embeddings to images in [-1, 1] at the decoder's sample size. `cfg`: see unclip_guidance."""
     embeds, hidden, mask = guidance_inputs(text, cfg)
     hidden, additive_clip_time = text_proj(image_embeddings=image_embeds, prompt_embeds=embeds,
                                            text_encoder_hidden_states=hidden, do_classifier_free_guidance=cfg)
@@ -57,5 +56,6 @@ class DecoderActor(StageActor):
     def run(self, inputs, generators):
         text = {k: self.tensor(inputs[k], torch.bool if k.endswith("mask") else None) for k in TEXT_INPUTS}
         images = sample_decoder(self.text_proj, self.decoder, self.scheduler, text, self.tensor(inputs["image_embeds"]),
-                                generators, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
+                                generators, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale,
+                                cfg=unclip_guidance(self.config))
         return {"image_64": images.float().cpu().numpy()}

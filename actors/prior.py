@@ -12,6 +12,12 @@ from pipeline import seeds
 TEXT_INPUTS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")
 
 
+def unclip_guidance(config) -> bool:
+    """Whether the prior, the text projection and the decoder use classifier-free guidance: decided once from
+    both scales, as UnCLIPPipeline does, so a scale <= 1 still guides when the other stage's scale is > 1."""
+    return config.stages.prior.guidance_scale > 1.0 or config.stages.decoder.guidance_scale > 1.0
+
+
 def guidance_inputs(inputs: dict[str, torch.Tensor], cfg: bool):
     """(embeds, hidden, mask), unconditional first when guidance is on, as UnCLIPPipeline batches them."""
     if not cfg:
@@ -22,9 +28,9 @@ def guidance_inputs(inputs: dict[str, torch.Tensor], cfg: bool):
 
 
 def sample_prior(prior, scheduler, text: dict[str, torch.Tensor], generators: list[torch.Generator], *,
-                 steps: int, guidance_scale: float) -> torch.Tensor:
-    """Sample one image embedding per generator; text tensors have one row per generator."""
-    cfg = guidance_scale > 1.0
+                 steps: int, guidance_scale: float, cfg: bool) -> torch.Tensor:
+    """Sample one image embedding per generator; text tensors have one row per generator. `cfg`: see
+    unclip_guidance."""
     embeds, hidden, mask = guidance_inputs(text, cfg)
     device, dtype = embeds.device, embeds.dtype
     scheduler.set_timesteps(steps, device=device)
@@ -62,11 +68,11 @@ class PriorActor(StageActor):
         m = self.best_of
         if m > 1:
             # Sample 0 consumes the candidate's own generator (so it equals the reference); 1..m-1 derive theirs.
-            extra = [seeds.new_generator(seeds.best_of_seed(int(s), i), self.device)
-                     for i in range(1, m) for s in inputs["seeds"]]
+            extra = [seeds.new_generator(seeds.best_of_seed(int(s), i)) for i in range(1, m) for s in inputs["seeds"]]
             text = {k: v.repeat((m,) + (1,) * (v.dim() - 1)) for k, v in text.items()}
             samples = sample_prior(self.prior, self.scheduler, text, list(generators) + extra,
-                                   steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
+                                   steps=self.settings.steps, guidance_scale=self.settings.guidance_scale,
+                                   cfg=unclip_guidance(self.config))
             n = len(generators)
             samples = samples.reshape(m, n, -1)
             # DALL-E 2: keep the sample with the highest dot product with the text embedding.
@@ -74,5 +80,5 @@ class PriorActor(StageActor):
             embeds = samples[score.argmax(0), torch.arange(n, device=samples.device)]
         else:
             embeds = sample_prior(self.prior, self.scheduler, text, generators, steps=self.settings.steps,
-                                  guidance_scale=self.settings.guidance_scale)
+                                  guidance_scale=self.settings.guidance_scale, cfg=unclip_guidance(self.config))
         return {"image_embeds": embeds.float().cpu().numpy()}

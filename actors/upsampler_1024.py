@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from actors.base import StageActor, to_uint8_hwc
+from actors.base import FINAL_IMAGE, StageActor
 
 DEFAULT_MAX_NOISE_LEVEL = 350  # the x4 upscaler's model_index.json value
 
@@ -95,7 +95,7 @@ class Upsampler1024Actor(StageActor):
     def _spec_for(self, size: int) -> None:
         channels = self.components["vae"].config.out_channels
         if self.context.final_image:
-            self.output_spec["image"] = ((size, size, channels), np.dtype(np.uint8))
+            self.output_spec[FINAL_IMAGE] = ((size, size, channels), np.dtype(np.uint8))  # after the base's cast
         else:
             self.output_spec["image_1024"] = ((channels, size, size), np.dtype(np.float32))
 
@@ -108,6 +108,4 @@ class Upsampler1024Actor(StageActor):
         images = upscale(self.components, [str(p) for p in inputs["prompt"]], self.tensor(inputs["image_256"]),
                          generators, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale,
                          noise_level=self.settings.noise_level)
-        if self.context.final_image:
-            return {"image": to_uint8_hwc(images)}
-        return {"image_1024": images.float().cpu().numpy()}
+        return {FINAL_IMAGE if self.context.final_image else "image_1024": images.float().cpu().numpy()}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from actors.base import StageActor, to_uint8_hwc
+from actors.base import FINAL_IMAGE, StageActor
 
 
 def super_resolve(super_res_first, super_res_last, scheduler, image_small: torch.Tensor,
@@ -43,13 +43,11 @@ class Upsampler256Actor(StageActor):
         self.scheduler = self.load_component(path, "unclip", "super_res_scheduler")
         size, channels = self.first.config.sample_size, self.first.config.out_channels
         if self.context.final_image:
-            self.output_spec = {"image": ((size, size, channels), np.dtype(np.uint8))}
+            self.output_spec = {FINAL_IMAGE: ((size, size, channels), np.dtype(np.uint8))}  # after the base's cast
         else:
             self.output_spec = {"image_256": ((channels, size, size), np.dtype(np.float32))}
 
     def run(self, inputs, generators):
         images = super_resolve(self.first, self.last, self.scheduler, self.tensor(inputs["image_64"]), generators,
                                steps=self.settings.steps)
-        if self.context.final_image:
-            return {"image": to_uint8_hwc(images)}
-        return {"image_256": images.float().cpu().numpy()}
+        return {FINAL_IMAGE if self.context.final_image else "image_256": images.float().cpu().numpy()}

@@ -36,8 +36,9 @@ class Reference:
     def image(self, prompt: str, seed: int, *, prior_steps: int, decoder_steps: int, super_res_steps: int,
               prior_guidance: float = 4.0, decoder_guidance: float = 8.0, upscale_steps: int | None = None,
               upscale_guidance: float = 9.0, noise_level: int = 20) -> np.ndarray:
-        """uint8 HWC image for one prompt and seed; continues the same generator into the x4 upscaler if asked."""
-        generator = torch.Generator().manual_seed(seed)
+        """uint8 HWC image for one prompt and seed; continues the same generator into the x4 upscaler if asked.
+        The generator is a CPU one, as the seed contract says, whatever device the pipelines run on."""
+        generator = [torch.Generator("cpu").manual_seed(seed)]
         image = self.unclip(prompt, generator=generator, prior_num_inference_steps=prior_steps,
                             decoder_num_inference_steps=decoder_steps, super_res_num_inference_steps=super_res_steps,
                             prior_guidance_scale=prior_guidance, decoder_guidance_scale=decoder_guidance,

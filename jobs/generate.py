@@ -8,11 +8,12 @@ import sys
 
 from pipeline.checkpoints import CheckpointError
 from pipeline.config import ConfigError, load_config
+from pipeline.lease import LeaseError
 from pipeline.output import OutputError
 from pipeline.reader import InputError
 from pipeline.run import RunFailed, disconnect_ray
 
-RUN_LEVEL_ERRORS = (ConfigError, InputError, CheckpointError, OutputError, RunFailed)
+RUN_LEVEL_ERRORS = (ConfigError, InputError, CheckpointError, OutputError, LeaseError, RunFailed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -274,6 +274,9 @@ class OutputConfig:
     """Rows per commit unit: one metadata part (and one tar shard for webdataset) each."""
     mode: str = "resume"
     """'resume' continues a run in the same output, 'overwrite' deletes it first, 'error_if_exists' refuses."""
+    lease_s: float = 60.0
+    """Seconds a driver's claim on the output lasts without renewal (renewed every third of it): a second
+    driver on the same output refuses while the first lives, and takes over this long after it died."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.path, str) and self.path != "",
@@ -286,6 +289,8 @@ class OutputConfig:
         _require(isinstance(self.shard_size, int) and self.shard_size >= 1,
                  f"output.shard_size must be an integer >= 1, got {self.shard_size!r}")
         _require(self.mode in OUTPUT_MODES, f"output.mode must be one of {', '.join(OUTPUT_MODES)}, got {self.mode!r}")
+        _require(isinstance(self.lease_s, (int, float)) and not isinstance(self.lease_s, bool) and self.lease_s >= 1,
+                 f"output.lease_s must be a number of seconds >= 1, got {self.lease_s!r}")
 
 
 @dataclass
@@ -545,3 +550,18 @@ def redact_options(options: dict) -> dict:
 
 def stage_config(config: Config, name: str) -> StageConfig:
     return getattr(config.stages, name)
+
+
+FP32_STAGES = ("reranker",)
+"""Stages that compute in fp32 whatever the run's dtype: CLIP scores in fp16 move in steps of 0.016-0.03, so
+close candidates would swap places between GPU models."""
+
+
+def compute_dtype(config: Config, name: str, device_type: str) -> str:
+    """The dtype a stage computes in on a device type ('cuda' or 'cpu'): fp32, fp16 or bf16."""
+    if name in FP32_STAGES:
+        return "fp32"
+    chosen = stage_config(config, name).dtype or config.dtype
+    if chosen == "auto":
+        return "fp16" if device_type == "cuda" else "fp32"
+    return chosen

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import seeds, storage
+from pipeline import rowids, seeds, storage
 from pipeline.config import Config
 
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -101,19 +101,26 @@ def preflight(config: Config) -> InputInfo:
 
 
 def _check_unique_ids(fs, files: list[str], column: str) -> None:
-    # One streaming pass over the id column only; memory grows with the number of ids, not with prompts.
-    seen: set[str] = set()
-    for path in files:
-        with fs.open(path, "rb") as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(columns=[column], batch_size=65536):
-                for value in batch.column(0).to_pylist():
-                    if value is None:
-                        continue
-                    key = str(value)
-                    if key in seen:
-                        raise InputError(f"duplicate id '{key}' in input column '{column}' (found again in {path}); "
-                                         "ids must be unique: fix the input or drop the id column to derive ids")
-                    seen.add(key)
+    # One streaming pass over the id column; 16 bytes per id (a digest), so 10M ids cost 160 MB, not gigabytes.
+    def values():
+        for path in files:
+            with fs.open(path, "rb") as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(columns=[column], batch_size=65536):
+                    yield path, [str(v) for v in batch.column(0).to_pylist() if v is not None]
+
+    twice = rowids.repeated(np.concatenate([rowids.digests(ids) for _, ids in values()] or
+                                           [np.empty(0, rowids.DIGEST)]))
+    if not len(twice):
+        return
+    wanted, seen = set(twice.tolist()), set()
+    for path, ids in values():  # a second pass only to name the first repeated id and where it repeats
+        for key in ids:
+            d = rowids.digest(key)
+            if d in wanted:
+                if d in seen:
+                    raise InputError(f"duplicate id '{key}' in input column '{column}' (found again in {path}); "
+                                     "ids must be unique: fix the input or drop the id column to derive ids")
+                seen.add(d)
 
 
 def derived_id(path: str, row_hash: int) -> str:
@@ -135,7 +142,8 @@ def validate_prompt(value) -> str | None:
 
 
 class RowPreparer:
-    """Turns raw Parquet rows into pipeline rows: id, prompt, status, error, truncated, seeds."""
+    """Turns raw Parquet rows (an Arrow table) into pipeline rows: id, prompt, status, error, truncated, seeds,
+    and the row's own seed for the metadata of error rows (row_seed, row_seed_known)."""
 
     def __init__(self, config: Config, info: InputInfo, done_ids=None):
         self.spec = config.input
@@ -144,45 +152,59 @@ class RowPreparer:
         self.has_id, self.has_seed = info.has_id, info.has_seed
         self.done_ids = done_ids
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts = list(batch[self.spec.prompt_column])
-        n = len(prompts)
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        # Arrow values as Python objects: exact ints and None. Numpy conversion would turn an int64 column
+        # holding a null into float64, rounding seeds above 2^53 and writing integer ids as "12.0".
+        n = table.num_rows
+        prompts = table.column(self.spec.prompt_column).to_pylist()
+        raw_ids = table.column(self.spec.id_column).to_pylist() if self.has_id else [None] * n
+        raw_seeds = table.column(self.spec.seed_column).to_pylist() if self.has_seed else [None] * n
         ids = np.empty(n, dtype=object)
-        for i in range(n):
-            raw = batch[self.spec.id_column][i] if self.has_id else None
-            ids[i] = str(raw) if raw is not None and not _is_nan(raw) else derived_id(batch["path"][i], batch["row_hash"][i])
+        for i, raw in enumerate(raw_ids):
+            ids[i] = str(raw) if raw is not None and not _is_nan(raw) else self._derived_id(table, i)
         status = np.full(n, "ok", dtype=object)
         errors = np.full(n, "", dtype=object)
         seed_matrix = np.zeros((n, self.candidates), dtype=np.int64)
+        row_seed = np.zeros(n, dtype=np.int64)
+        row_seed_known = np.zeros(n, dtype=bool)
         clean_prompts = np.empty(n, dtype=object)
         for i, value in enumerate(prompts):
-            value = value.item() if isinstance(value, np.generic) else value
             reason = validate_prompt(value)
             clean_prompts[i] = value if isinstance(value, str) else ("" if value is None else str(value))
-            base = self._base_seed(batch, i, ids[i])
-            if isinstance(base, str):
-                reason = reason or base
-                base = 0
-            seed_matrix[i] = seeds.candidate_seeds(base, self.candidates)
+            base, seed_problem = self._base_seed(raw_seeds[i], ids[i])
+            if seed_problem is None:
+                seed_matrix[i] = seeds.candidate_seeds(base, self.candidates)
+            # A rejected seed is still recorded as given, when int64 can hold it.
+            row_seed_known[i] = -(2**63) <= base < 2**63
+            row_seed[i] = base if row_seed_known[i] else 0
+            reason = reason or seed_problem
             if reason:
                 status[i], errors[i] = "error", reason
         keep = np.ones(n, dtype=bool)
         if self.done_ids:
-            keep = np.array([row_id not in self.done_ids for row_id in ids], dtype=bool)
+            keep = np.array([not self._is_done(row_id) for row_id in ids], dtype=bool)
         return {
             "id": ids[keep], "prompt": clean_prompts[keep], "status": status[keep], "error": errors[keep],
             "truncated": np.zeros(int(keep.sum()), dtype=bool), "seeds": seed_matrix[keep],
+            "row_seed": row_seed[keep], "row_seed_known": row_seed_known[keep],
         }
 
-    def _base_seed(self, batch, i: int, row_id: str) -> int | str:
-        if self.has_seed:
-            raw = batch[self.spec.seed_column][i]
-            if raw is not None and not _is_nan(raw):
-                value = int(raw)
-                if not 0 <= value < seeds.SEED_LIMIT:
-                    return f"seed {value} is out of range; expected 0 <= seed < 2^63"
-                return value
-        return seeds.derived_base_seed(self.run_seed, row_id)
+    def _is_done(self, row_id: str) -> bool:
+        """Whether an earlier attempt already committed this row."""
+        return row_id in self.done_ids
+
+    @staticmethod
+    def _derived_id(table: pa.Table, i: int) -> str:
+        return derived_id(table.column("path")[i].as_py(), table.column("row_hash")[i].as_py())
+
+    def _base_seed(self, raw, row_id: str) -> tuple[int, str | None]:
+        """(the row's base seed, or its rejected input value; why it was rejected, or None)."""
+        if raw is None:
+            return seeds.derived_base_seed(self.run_seed, row_id), None
+        value = int(raw)
+        if not 0 <= value < seeds.SEED_LIMIT:
+            return value, f"seed {value} is out of range; expected 0 <= seed < 2^63"
+        return value, None
 
 
 def _is_nan(value) -> bool:
@@ -208,6 +230,6 @@ def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: fl
             include_row_hash=True, num_cpus=num_cpus, partitioning=None, runtime_env=runtime_env,
         )
         # A callable instance (not a class) runs as tasks, fused with the read.
-        datasets.append(dataset.map_batches(preparer, batch_format="numpy", num_cpus=num_cpus,
+        datasets.append(dataset.map_batches(preparer, batch_format="pyarrow", num_cpus=num_cpus,
                                             runtime_env=runtime_env))
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

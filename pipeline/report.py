@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import heapq
 import io
 import tarfile
 import textwrap
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.compute as pc
 
 from pipeline import storage
+from pipeline.rowids import DIGEST, digest, repeated
 from pipeline.writer import SHARDS_DIR
 
 REPORT_FILE = "report.json"
@@ -21,6 +25,9 @@ THUMB = 128
 CAPTION_LINES = 3
 CAPTION_CHARS = 24
 REPORT_COLUMNS = ("id", "prompt", "status", "error", "rank", "clip_score", "image_key", "shard")
+ERROR_REASONS_KEPT = 10_000
+"""Distinct error reasons counted one by one; any beyond are counted together, so memory stays bounded."""
+OTHER_REASONS = "(other reasons)"
 
 
 def stage_figures(stages: list[dict]) -> list[dict]:
@@ -45,11 +52,12 @@ def stage_figures(stages: list[dict]) -> list[dict]:
     return figures
 
 
-def score_distribution(scores: list[float], bins: int = 10) -> dict | None:
-    values = np.asarray([s for s in scores if s is not None], dtype=np.float64)
+def score_distribution(scores) -> dict | None:
+    values = np.asarray([s for s in scores if s is not None] if isinstance(scores, list) else scores,
+                        dtype=np.float64)
     if not len(values):
         return None
-    counts, edges = np.histogram(values, bins=bins)
+    counts, edges = np.histogram(values, bins=10)
     q = np.percentile(values, [10, 50, 90])
     return {"count": int(len(values)), "mean": round(float(values.mean()), 4), "min": round(float(values.min()), 4),
             "p10": round(float(q[0]), 4), "median": round(float(q[1]), 4), "p90": round(float(q[2]), 4),
@@ -57,10 +65,96 @@ def score_distribution(scores: list[float], bins: int = 10) -> dict | None:
             "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts]}}
 
 
-def build_report(summary: dict, metadata: dict[str, list]) -> dict:
+@dataclass
+class MetadataScan:
+    """What one streaming pass over the committed metadata found: the run's accounting and the report's inputs.
+
+    Memory grows by 16 bytes per metadata row (the duplicate check) and 8 per score, not with Python rows."""
+
+    rows: int = 0
+    """Input rows accounted for: one rank-0 row per generated prompt, one row per error."""
+    ok: int = 0
+    error: int = 0
+    images: int = 0
+    duplicates: list[str] = field(default_factory=list)
+    """Row ids committed more than once (each once; empty when every row landed once)."""
+    error_reasons: Counter = field(default_factory=Counter)
+    clip_rank0: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    clip_kept: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    sheet: list[dict] = field(default_factory=list)
+    """The contact sheet's rows: the best image of the first SHEET_IMAGES generated prompts by id."""
+
+
+def scan_metadata(output, limit: int = SHEET_IMAGES) -> MetadataScan:
+    """One pass over the committed metadata parts, a record batch at a time."""
+    scan = MetadataScan()
+    keys, rank0_scores, kept_scores = [], [], []
+    sheet: list[tuple] = []  # the `limit` smallest ids so far, largest on top
+    for batch in output.iter_metadata(list(REPORT_COLUMNS)):
+        ids, ranks = batch.column("id").to_pylist(), batch.column("rank").to_pylist()
+        keys.append(np.fromiter((digest(f"{i}\0{r}") for i, r in zip(ids, ranks)), dtype=DIGEST, count=len(ids)))
+        ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+        first = pc.fill_null(pc.equal(batch.column("rank"), 0), False)
+        ok_first = pc.and_(ok, first)
+        errors = pc.invert(ok)
+        scan.ok += pc.sum(ok_first).as_py() or 0
+        scan.error += pc.sum(errors).as_py() or 0
+        scan.images += pc.count(batch.column("image_key")).as_py()  # non-null keys: one per written image
+        for reason in pc.filter(batch.column("error"), errors).to_pylist():
+            if reason in scan.error_reasons or len(scan.error_reasons) < ERROR_REASONS_KEPT:
+                scan.error_reasons[reason] += 1
+            else:
+                scan.error_reasons[OTHER_REASONS] += 1
+        scores = batch.column("clip_score")
+        rank0_scores.append(pc.filter(scores, ok_first).drop_null().to_numpy(zero_copy_only=False))
+        kept_scores.append(pc.filter(scores, ok).drop_null().to_numpy(zero_copy_only=False))
+        with_image = pc.and_(ok_first, pc.is_valid(batch.column("image_key")))
+        candidates = batch.filter(with_image)
+        candidate_ids = candidates.column("id").to_pylist()
+        for index in heapq.nsmallest(limit, range(len(candidate_ids)), key=candidate_ids.__getitem__):
+            row = {name: candidates.column(name)[index].as_py() for name in REPORT_COLUMNS}
+            entry = (_Descending(row["id"]), row)
+            if len(sheet) < limit:
+                heapq.heappush(sheet, entry)
+            elif row["id"] < sheet[0][1]["id"]:
+                heapq.heapreplace(sheet, entry)
+    scan.rows = scan.ok + scan.error
+    all_keys = np.concatenate(keys) if keys else np.empty(0, DIGEST)
+    twice = repeated(all_keys)
+    if len(twice):
+        scan.duplicates = _ids_of(output, set(twice.tolist()))
+    scan.clip_rank0 = np.concatenate(rank0_scores) if rank0_scores else scan.clip_rank0
+    scan.clip_kept = np.concatenate(kept_scores) if kept_scores else scan.clip_kept
+    scan.sheet = sorted((row for _, row in sheet), key=lambda r: r["id"])
+    return scan
+
+
+class _Descending:
+    """Orders ids in reverse, so a heap's top is the largest id kept so far (the one to drop first)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __lt__(self, other: "_Descending") -> bool:
+        return self.value > other.value
+
+
+def _ids_of(output, wanted: set[bytes], most: int = 10) -> list[str]:
+    """The ids behind repeated (id, rank) digests: a second pass, taken only when something repeated."""
+    found: list[str] = []
+    for batch in output.iter_metadata(["id", "rank"]):
+        for row_id, rank in zip(batch.column("id").to_pylist(), batch.column("rank").to_pylist()):
+            if digest(f"{row_id}\0{rank}") in wanted and row_id not in found:
+                found.append(row_id)
+                if len(found) >= most:
+                    return found
+    return found
+
+
+def build_report(summary: dict, scan: MetadataScan) -> dict:
     """report.json's content: the summary's counters turned into rates, plus what the metadata says."""
-    rank0 = [i for i, rank in enumerate(metadata["rank"]) if rank == 0]
-    errors = Counter(err for status, err in zip(metadata["status"], metadata["error"]) if status != "ok")
     return {
         "output": summary["output"],
         "counts": summary["counts"],
@@ -70,10 +164,10 @@ def build_report(summary: dict, metadata: dict[str, list]) -> dict:
         "plan": summary["plan"],
         "cluster": summary["cluster"],
         "stages": stage_figures(summary["stages"]),
-        "errors": {"rows": sum(errors.values()),
-                   "by_reason": [{"reason": reason, "rows": n} for reason, n in errors.most_common(20)]},
-        "clip_score": score_distribution([metadata["clip_score"][i] for i in rank0]),
-        "clip_score_all_kept": score_distribution(metadata["clip_score"]),
+        "errors": {"rows": sum(scan.error_reasons.values()),
+                   "by_reason": [{"reason": reason, "rows": n} for reason, n in scan.error_reasons.most_common(20)]},
+        "clip_score": score_distribution(scan.clip_rank0),
+        "clip_score_all_kept": score_distribution(scan.clip_kept),
         "contact_sheet": CONTACT_SHEET_FILE,
     }
 
@@ -126,24 +220,11 @@ def contact_sheet(images: list, captions: list[str]) -> bytes:
     return buffer.getvalue()
 
 
-def sheet_rows(metadata: dict[str, list], limit: int = SHEET_IMAGES) -> list[dict]:
-    rows = [dict(zip(metadata, values)) for values in zip(*metadata.values())]
-    kept = sorted((r for r in rows if r["status"] == "ok" and r["image_key"] and r["rank"] == 0),
-                  key=lambda r: r["id"])
-    return kept[:limit]
-
-
-def read_metadata(output) -> dict[str, list]:
-    """The committed metadata columns the report (and the run's final accounting) need, as lists."""
-    table = output.metadata(columns=list(REPORT_COLUMNS))
-    return table.to_pydict() if table is not None else {k: [] for k in REPORT_COLUMNS}
-
-
-def write_report(output, summary: dict, metadata: dict[str, list] | None = None) -> dict:
+def write_report(output, summary: dict, scan: MetadataScan | None = None) -> dict:
     """Write report.json and the contact sheet under the output path; returns the report."""
-    metadata = read_metadata(output) if metadata is None else metadata
-    report = build_report(summary, metadata)
-    rows = sheet_rows(metadata)
+    scan = scan_metadata(output) if scan is None else scan
+    report = build_report(summary, scan)
+    rows = scan.sheet
     images = _read_images(output.fs, output.root, output.config.output.format, rows)
     captions = [(f"clip {r['clip_score']:.1f}: " if r["clip_score"] is not None else "") + r["prompt"] for r in rows]
     if images:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
 from pipeline import checkpoints, cluster, costs, reader, storage
-from pipeline.config import Config, redacted
+from pipeline.config import Config, compute_dtype, redacted
+from pipeline.lease import LeaseError
 from pipeline.output import SUCCESS_FILE, OutputDir
 from pipeline.plan import ClusterShape, Plan, Placement, StageSpec, bundle_cpus, plan_placements, stage_specs, task_cpus
 from pipeline.reservation import GpuReservation, ReservationTimeout
 from pipeline.progress import ProgressPrinter
-from pipeline.report import REPORT_FILE, read_metadata, write_report
+from pipeline.report import REPORT_FILE, scan_metadata, write_report
 from pipeline.writer import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX, ShardWriter,
                              merge_stage_counters)
 
@@ -104,10 +105,11 @@ def planned_cluster(config: Config) -> ClusterShape:
     return ClusterShape(cpus=float(resources.get("CPU", 1.0)), gpus=gpus, cpus_per_gpu=cluster.cpus_per_gpu())
 
 
-def reserve_gpus(config: Config, shape: ClusterShape) -> tuple[GpuReservation | None, ClusterShape]:
-    """Hold the planned GPUs (waiting for an autoscaler if needed) and learn their memory."""
+def reserve_gpus(config: Config, shape: ClusterShape) -> tuple[GpuReservation | None, ClusterShape, bool]:
+    """Hold the planned GPUs (waiting for an autoscaler if needed) and learn their memory, and whether torch
+    computes on them with CUDA (False on a CPU machine's fake GPUs)."""
     if shape.gpus < 1:
-        return None, shape
+        return None, shape, False
     reservation = GpuReservation(shape.gpus, bundle_cpus(shape))
     try:
         reservation.wait(config.run.gpu_wait_s, lambda line: print(line, file=sys.stderr, flush=True))
@@ -123,7 +125,8 @@ def reserve_gpus(config: Config, shape: ClusterShape) -> tuple[GpuReservation | 
         memory = costs.gpu_kind(config.run.gpu_kind).memory_gb
     else:  # the smallest GPU of the reservation; None on fake GPUs (no CUDA), so memory goes unchecked
         memory = min((g["memory_gb"] for g in probed if g["memory_gb"]), default=None)
-    return reservation, dataclasses.replace(shape, gpu_memory_gb=memory)
+    cuda = any(g["cuda"] is True for g in probed)
+    return reservation, dataclasses.replace(shape, gpu_memory_gb=memory), cuda
 
 
 def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: dict[str, Placement],
@@ -158,14 +161,15 @@ def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: d
 
 
 def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec],
-                  placements: dict[str, Placement], done_ids: set[str], io_cpus: float,
-                  progress_board: str | None = None, reservation: GpuReservation | None = None):
-    """Read -> one actor pool per stage -> shard writer, as one streaming Ray Dataset."""
+                  placements: dict[str, Placement], done_ids, io_cpus: float,
+                  progress_board: str | None = None, reservation: GpuReservation | None = None,
+                  attempt: str | None = None):
+    """Read -> one actor pool per stage -> shard writer (committing as `attempt`), as one streaming Ray Dataset."""
     runtime_env = {"env_vars": storage.forwarded_env()}
     dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus, runtime_env=runtime_env)
     dataset = chain_stages(dataset, config, stages, placements, runtime_env, progress_board=progress_board,
                            reservation=reservation)
-    return dataset.map_batches(ShardWriter(config), batch_size=config.output.shard_size, batch_format="numpy",
+    return dataset.map_batches(ShardWriter(config, attempt), batch_size=config.output.shard_size, batch_format="numpy",
                                num_cpus=io_cpus, runtime_env=runtime_env)
 
 
@@ -205,6 +209,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def resolved_compute(config: Config, stages: list[StageSpec], plan: Plan, cuda: bool) -> dict[str, str]:
+    """Per stage, the device type and dtype its actors will compute in (e.g. 'cuda fp16'): part of the run's
+    identity, since they set the pixels."""
+    devices = {s.name: "cuda" if cuda and plan.placements[s.name].num_gpus > 0 else "cpu" for s in stages}
+    return {name: f"{device} {compute_dtype(config, name, device)}" for name, device in devices.items()}
+
+
 def generate(config: Config, *, progress=None) -> RunResult:
     """Run the whole job; returns the summary that was written last under the output path."""
     started = time.time()
@@ -217,29 +228,38 @@ def generate(config: Config, *, progress=None) -> RunResult:
     connect_ray()
     configure_data_context()
     stages = stage_specs(config)
-    # The GPUs first: a run that cannot get them fails before it writes anything.
-    reservation, shape = reserve_gpus(config, planned_cluster(config))
+    # The output first: a second driver on it refuses at once instead of waiting for GPUs the first one holds.
+    attempt = output.acquire()
     try:
-        state = output.prepare()
-        if state.finished is not None:  # another attempt finished it meanwhile
-            return RunResult(summary=state.finished, already_done=True)
-        todo = info.rows - len(state.done_ids)
-        plan = plan_placements(config, stages, shape, _costs_for_planning(config, shape), rows=max(1, todo))
-        return _execute(config, info, state, output, stages, plan, shape, reservation, todo, started, progress)
+        # Then the GPUs: a run that cannot get them fails before it writes anything but its lease.
+        reservation, shape, cuda = reserve_gpus(config, planned_cluster(config))
+        try:
+            planning_costs = _costs_for_planning(config, shape)
+            plan = plan_placements(config, stages, shape, planning_costs, rows=max(1, info.rows))
+            state = output.prepare(resolved_compute(config, stages, plan, cuda))
+            if state.finished is not None:  # another attempt finished it meanwhile
+                return RunResult(summary=state.finished, already_done=True)
+            todo = info.rows - len(state.done_ids)
+            if todo < info.rows:  # the drain at the end depends on how many rows are left
+                plan = plan_placements(config, stages, shape, planning_costs, rows=max(1, todo))
+            return _execute(config, info, state, output, attempt, stages, plan, shape, reservation, todo, started,
+                            progress)
+        finally:
+            if reservation is not None:
+                reservation.release()
     finally:
-        if reservation is not None:
-            reservation.release()
+        output.release()
 
 
-def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, stages: list[StageSpec], plan: Plan,
-             shape: ClusterShape, reservation: GpuReservation | None, todo: int, started: float, progress) -> RunResult:
+def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, attempt: str, stages: list[StageSpec],
+             plan: Plan, shape: ClusterShape, reservation: GpuReservation | None, todo: int, started: float, progress) -> RunResult:
     """Stream the dataset to the end, check every row landed once, and write the report and the summary."""
     placements = plan.placements
     log.info("plan:\n%s", plan.table())
     board = f"unclip-progress-{uuid.uuid4().hex[:12]}"
     printer = ProgressPrinter(board, [s.name for s in stages], todo, config.run.progress_interval_s)
     dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(shape.cpus), board,
-                            reservation)
+                            reservation, attempt)
 
     new_rows = new_images = 0
     stage_work: dict[str, float] = {}
@@ -250,6 +270,8 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, s
             new_images += int(batch["images"].sum())
             printer.written = new_rows
             merge_stage_counters(stage_work, batch)
+            if output.lost_lease():
+                raise LeaseError(output.lost_lease())
             if progress is not None:
                 progress(new_rows, todo)
     except Exception as exc:
@@ -266,12 +288,15 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, s
         gc.collect()
         raise RunFailed(f"{load_failure.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)")
 
-    columns = read_metadata(output)  # read once: the accounting below and the report both use it
-    row_status = dict(zip(columns["id"], columns["status"]))
-    images = sum(1 for key in columns["image_key"] if key)
-    if len(row_status) != info.rows:
+    output.committed_parts(remove_others=True)  # a dead attempt's late commits are generated again: drop them
+    scan = scan_metadata(output)  # one pass: the accounting below and the report both use it
+    if scan.duplicates:
+        raise RunFailed(f"{len(scan.duplicates)} row id(s) were committed more than once (e.g. "
+                        f"{', '.join(repr(i) for i in scan.duplicates[:3])}); the output is not trustworthy as it "
+                        "is: rerun with output.mode=overwrite")
+    if scan.rows != info.rows:
         # Never declare success unless every input row is accounted for (a vanished or changed input file).
-        raise RunFailed(f"only {len(row_status)} of {info.rows} input rows reached the output; the input changed "
+        raise RunFailed(f"only {scan.rows} of {info.rows} input rows reached the output; the input changed "
                         "or could not be read during the run; rerun the same command to finish (finished rows are kept)")
     wall = time.time() - started
     summary = {
@@ -279,10 +304,10 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, s
         "output": config.output.path,
         "counts": {
             "input_rows": info.rows,
-            "ok": sum(1 for s in row_status.values() if s == "ok"),
-            "error": sum(1 for s in row_status.values() if s != "ok"),
+            "ok": scan.ok,
+            "error": scan.error,
             "skipped": len(state.done_ids),
-            "images": images,
+            "images": scan.images,
             "generated_this_attempt": new_rows,
         },
         "wall_time_s": round(wall, 3),
@@ -306,6 +331,6 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, s
         "versions": package_versions(),
     }
     # The report first: the summary is the commit marker of the whole run, so it is written last.
-    summary["report"] = {"file": REPORT_FILE, "contact_sheet": write_report(output, summary, columns)["contact_sheet"]}
+    summary["report"] = {"file": REPORT_FILE, "contact_sheet": write_report(output, summary, scan)["contact_sheet"]}
     output.write_json(SUCCESS_FILE, summary)
     return RunResult(summary=summary)

@@ -1,13 +1,17 @@
-"""Seed derivation and the per-candidate generator state that travels with a row (the exactness contract: see README, "The seed contract").
+"""Seed derivation and the per-candidate CPU generator whose state travels with a row (see README, "The seed contract").
 
 Derivation (stable; users script against it):
 - a row's base seed is its `seed` column value when present (0 <= seed < 2^63); otherwise
   blake2b-64("{run seed}:{row id}") masked to 63 bits;
 - candidate j of a row gets seed (base + j) mod 2^63, so candidate 0 of a row with seed s is exactly
-  `UnCLIPPipeline(..., generator=torch.Generator(device).manual_seed(s))`;
+  `UnCLIPPipeline(..., generator=[torch.Generator("cpu").manual_seed(s)])`;
 - with `prior.best_of` m > 1, prior sample 0 of a candidate uses the candidate's own generator and
   samples i = 1..m-1 use blake2b-64("{candidate seed}:best_of:{i}"); the decoder and upsamplers always
   continue the candidate's own generator.
+
+Every generator is a CPU generator, whatever device a stage computes on: draws are made on the CPU and moved
+to the compute device (as diffusers' randn_tensor does for a CPU generator). CUDA's random fill depends on the
+card's SM count, so draws from a CUDA generator would differ between GPU models.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import numpy as np
 import torch
 
 SEED_LIMIT = 2**63
+GENERATOR_STATE_BYTES = torch.Generator("cpu").get_state().numel()
+"""Size of the state that travels between stages: the CPU generator's mt19937 table (5056 bytes)."""
 
 
 def _hash63(text: str) -> int:
@@ -37,21 +43,19 @@ def best_of_seed(candidate_seed: int, sample: int) -> int:
     return candidate_seed if sample == 0 else _hash63(f"{candidate_seed}:best_of:{sample}")
 
 
-def new_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
+def new_generator(seed: int) -> torch.Generator:
+    """The CPU generator of a seed."""
+    return torch.Generator("cpu").manual_seed(int(seed))
 
 
 def generator_state(generator: torch.Generator) -> np.ndarray:
-    """The generator's full state as bytes (CPU: mt19937, 5056 bytes; CUDA: philox seed + offset)."""
+    """The generator's full state as bytes (the CPU generator's mt19937 table: GENERATOR_STATE_BYTES)."""
     return generator.get_state().numpy().copy()
 
 
-def restore_generator(state: np.ndarray, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    expected = generator.get_state().numel()
-    if state.size != expected:
-        raise RuntimeError(
-            f"generator state of {state.size} bytes cannot continue on a {device.type} generator "
-            f"({expected} bytes): every stage of a run must use the same device type (all GPU or all CPU)")
+def restore_generator(state: np.ndarray) -> torch.Generator:
+    """The CPU generator continuing from `state` (bytes from generator_state)."""
+    generator = torch.Generator("cpu")
     generator.set_state(torch.from_numpy(np.ascontiguousarray(state, dtype=np.uint8)))
     return generator
+

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.lease import LEASE_FILE, read_lease
 
 IMAGES_PREFIX = "_images_"
 SECONDS_PREFIX = "_seconds_"
@@ -65,12 +66,19 @@ def safe_key(row_id: str) -> str:
     return f"{cleaned}-{digest}" if cleaned else digest
 
 
-def shard_name(ids) -> str:
-    # Named by its rows: a retried write of the same rows replaces the same objects instead of adding new ones.
+def shard_name(ids, attempt: str | None = None) -> str:
+    """part-<attempt>-<digest of the row ids>: named by its rows, so a retried write of the same rows replaces
+    the same objects instead of adding new ones; named by its attempt, so a dead attempt's parts are told apart."""
     digest = hashlib.blake2b(digest_size=10)
     for row_id in sorted(str(i) for i in ids):
         digest.update(row_id.encode("utf-8", "surrogatepass") + b"\0")
-    return f"part-{digest.hexdigest()}"
+    return f"part-{attempt}-{digest.hexdigest()}" if attempt else f"part-{digest.hexdigest()}"
+
+
+def part_attempt(shard: str) -> str | None:
+    """The attempt that wrote a shard, from its name (None for a shard named without one)."""
+    stem = shard[len("part-"):] if shard.startswith("part-") else shard
+    return stem.rsplit("-", 1)[0] if "-" in stem else None
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -159,7 +167,11 @@ def _rows_of(batch: dict[str, np.ndarray], i: int, shard: str, sink: ImageSink |
             "truncated": bool(batch["truncated"][i])}
     seeds = np.asarray(batch["seeds"][i])
     if base["status"] != "ok":
-        return [{**base, "seed": int(seeds[0]) if len(seeds) else None}]
+        if "row_seed" in batch:  # the row's own value, even a rejected one; null when int64 cannot hold it
+            seed = int(batch["row_seed"][i]) if bool(batch["row_seed_known"][i]) else None
+        else:
+            seed = int(seeds[0]) if len(seeds) else None
+        return [{**base, "seed": seed}]
     kept = np.asarray(batch["candidate"][i]) if "candidate" in batch else np.arange(len(seeds))
     scores = np.asarray(batch["clip_score"][i]) if "clip_score" in batch else None
     all_scores = ([float(s) for s in np.asarray(batch["candidate_scores"][i])]
@@ -178,22 +190,41 @@ def _rows_of(batch: dict[str, np.ndarray], i: int, shard: str, sink: ImageSink |
     return rows
 
 
-class ShardWriter:
-    """Writes one shard per batch: images through the format's sink, then the metadata part that commits them."""
+class FencedOut(RuntimeError):
+    """A newer attempt holds the output: this writer's attempt is over and must not commit."""
 
-    def __init__(self, config: Config):
+
+class ShardWriter:
+    """Writes one shard per batch: images through the format's sink, then the metadata part that commits it.
+
+    With an attempt id, a shard commits only while the output's lease names that attempt: the writers of a
+    driver that died keep running for a while, and must not land rows a newer attempt is generating again.
+    """
+
+    def __init__(self, config: Config, attempt: str | None = None):
         self.output = config.output
         self.storage_options = config.storage_options
+        self.attempt = attempt
+
+    def _check_lease(self, fs, root: str) -> None:
+        if self.attempt is None:
+            return
+        holder = read_lease(fs, storage.join(root, LEASE_FILE))
+        if holder is None or holder.attempt != self.attempt:
+            raise FencedOut(f"attempt {self.attempt} no longer holds output {self.output.path} "
+                            f"({holder.describe() if holder else 'no lease'}); not committing")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fs, root = storage.filesystem(self.output.path, self.storage_options)
-        shard = shard_name(batch["id"])
+        self._check_lease(fs, root)
+        shard = shard_name(batch["id"], self.attempt)
         sink = SINKS[self.output.format](fs, root, shard, self.output.image_format, self.output.quality)
         rows = [row for i in range(len(batch["id"])) for row in _rows_of(batch, i, shard, sink)]
         sink.commit()
         table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
+        self._check_lease(fs, root)  # again, right before the commit: encoding took a while
         # Written last: its presence is what makes the shard's rows count as done.
         storage.atomic_write(fs, storage.join(root, METADATA_DIR, f"{shard}.parquet"), buffer.getvalue())
         statuses = np.asarray(batch["status"]).astype(object)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import storage
@@ -58,6 +59,30 @@ def test_the_comparison_detects_a_wrong_setting(tiny_models, reference, wrong):
     other = reference.image(PROMPTS[0], seed, **settings)
     assert not within_tolerance(ours, other)
     assert psnr(ours, other) < 30
+
+
+@pytest.mark.parametrize("prior_guidance,decoder_guidance", [(4.0, 0.5), (0.5, 8.0), (1.0, 8.0), (0.5, 1.0)])
+def test_guidance_is_decided_once_from_both_scales_as_in_the_reference(tiny_models, reference, prior_guidance,
+                                                                        decoder_guidance):
+    scales = [f"stages.prior.guidance_scale={prior_guidance}", f"stages.decoder.guidance_scale={decoder_guidance}"]
+    config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + scales,
+                         input_path="unused", output_path="unused")
+    ours = run_in_process(config, [PROMPTS[1]], [3])["image"][0, 0]
+    expected = reference.image(PROMPTS[1], 3, **REFERENCE_STEPS, prior_guidance=prior_guidance,
+                               decoder_guidance=decoder_guidance)
+    assert within_tolerance(ours, expected), f"{psnr(ours, expected):.1f} dB"
+
+
+def test_stages_leave_each_candidate_generator_where_the_reference_leaves_it(tiny_models, reference):
+    """Same draws from the same CPU generator: after the 256 stage its state is the reference's, byte for byte."""
+    config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False),
+                         input_path="unused", output_path="unused")
+    seed = 2**63 - 1
+    ours = run_in_process(config, [PROMPTS[2]], [seed])["generator_state"][0, 0]
+    generator = torch.Generator("cpu").manual_seed(seed)
+    reference.unclip(PROMPTS[2], generator=[generator], prior_num_inference_steps=4, decoder_num_inference_steps=4,
+                     super_res_num_inference_steps=3, output_type="np")
+    assert np.array_equal(ours, generator.get_state().numpy())
 
 
 def read_outputs(output: str, by: str = "id") -> dict[str, tuple[str, int, np.ndarray]]:

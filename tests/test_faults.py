@@ -25,6 +25,7 @@ from PIL import Image
 from actors.base import StageContext
 from actors.decoder import DecoderActor
 from pipeline.config import load_config
+from pipeline.lease import LeaseError
 from pipeline.run import RunFailed, generate
 from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
 from tests.faults import ActorKiller, FaultyProxy
@@ -89,17 +90,27 @@ def snapshot(output: str) -> dict[str, tuple[int, int, int]]:
     return found
 
 
+def driver_command(prompts: str, output: str, sets: list[str]) -> list[str]:
+    return [sys.executable, "-m", "jobs.generate", "--input", prompts, "--output", output,
+            *[arg for s in sets for arg in ("--set", s)]]
+
+
+def assert_no_orphan_images(output: str) -> None:
+    """Every image file under the output is one the metadata names, and every name is there."""
+    keys = {k for k in pq.read_table(os.path.join(output, "metadata")).column("image_key").to_pylist() if k}
+    files = {f"images/{name}" for name in os.listdir(os.path.join(output, "images"))}
+    assert files == keys, f"orphans {sorted(files - keys)[:3]}, missing {sorted(keys - files)[:3]}"
+
+
 def test_killed_driver_then_rerun_finishes_without_redoing_work(tiny_models, ray_session, reference, tmp_path):
     n = 16
     prompts, ids = prompts_file(tmp_path, n)
     output = str(tmp_path / "out")
-    sets = fault_sets(tiny_models)
+    sets = fault_sets(tiny_models, "output.lease_s=4")
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "jobs.generate", "--input", prompts, "--output", output]
-    command += [arg for s in sets for arg in ("--set", s)]
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        driver = subprocess.Popen(driver_command(prompts, output, sets), cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         metadata = os.path.join(output, "metadata")
         while time.time() < deadline and driver.poll() is None:
@@ -107,8 +118,13 @@ def test_killed_driver_then_rerun_finishes_without_redoing_work(tiny_models, ray
                 break
             time.sleep(0.2)
         assert driver.poll() is None, "the driver finished before it could be killed"
-        os.killpg(driver.pid, signal.SIGKILL)
+        os.killpg(driver.pid, signal.SIGKILL)  # while shards are committing
         driver.wait(timeout=30)
+
+    # Its lease has not lapsed yet: a rerun right away refuses (the killed driver might still be alive).
+    with pytest.raises(LeaseError, match="is in use by another run"):
+        generate(load_config(None, sets, input_path=prompts, output_path=output))
+    time.sleep(4.5)
     before = snapshot(output)
     committed = len(pq.read_table(os.path.join(output, "metadata")).column("id"))
     assert 0 < committed < n
@@ -121,6 +137,27 @@ def test_killed_driver_then_rerun_finishes_without_redoing_work(tiny_models, ray
     after = snapshot(output)
     assert all(after[path] == stat for path, stat in before.items()), "finished files were rewritten"
     assert_complete_and_exact(output, ids, reference)
+    assert_no_orphan_images(output)
+
+
+def test_two_drivers_on_one_output_one_refuses_the_other_finishes(tiny_models, ray_session, reference, tmp_path):
+    n = 6
+    prompts, ids = prompts_file(tmp_path, n)
+    output = str(tmp_path / "out")
+    sets = fault_sets(tiny_models)
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
+    drivers = [subprocess.Popen(driver_command(prompts, output, sets), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(d.wait(timeout=600), *d.communicate()) for d in drivers]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [(code, err[-2000:]) for code, _, err in results]
+    refused = next(err for code, _, err in results if code == 2)
+    lines = [line for line in refused.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "is in use by another run" in lines[0], refused[-2000:]
+    assert_complete_and_exact(output, ids, reference)
+    assert_no_orphan_images(output)
+    rows = pq.read_table(os.path.join(output, "metadata")).num_rows
+    assert rows == n and len(os.listdir(os.path.join(output, "images"))) == n, "no extra files"
 
 
 def test_a_lost_node_is_survived_on_the_remaining_nodes(tiny_models, reference, tmp_path):

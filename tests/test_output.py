@@ -2,56 +2,164 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
+from pipeline.lease import LeaseError
 from pipeline.output import RUN_FILE, SUCCESS_FILE, OutputDir, OutputError
-from pipeline.writer import ShardWriter
+from pipeline.writer import FencedOut, ShardWriter
 from tests.test_writer import batch
 
 
 def config(output, *sets):
-    return load_config(None, ["models.unclip=/x", *sets], input_path="in", output_path=str(output))
+    return load_config(None, ["models.unclip=/x", "output.lease_s=1", *sets], input_path="in",
+                       output_path=str(output))
+
+
+@contextlib.contextmanager
+def attempt(cfg):
+    """One attempt on the output as a run makes it: claim it, prepare it, write as it, let it go."""
+    output = OutputDir(cfg)
+    output.acquire()
+    try:
+        state = output.prepare()
+        yield output, state, ShardWriter(cfg, output.lease.attempt)
+    finally:
+        output.release()
+
+
+def rows_of(ids):
+    """A writer batch whose rows have these ids (the last one an error row)."""
+    data = batch(n_ok=len(ids) - 1)
+    data["id"] = np.array(ids, dtype=object)
+    return data
+
+
+def prepare(cfg):
+    with attempt(cfg) as (_, state, _):
+        return state
 
 
 def test_error_if_exists_refuses_a_non_empty_output(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "something").write_text("x")
     with pytest.raises(OutputError, match="already has content and output.mode=error_if_exists"):
-        OutputDir(config(tmp_path / "out", "output.mode=error_if_exists")).prepare()
-    assert OutputDir(config(tmp_path / "fresh", "output.mode=error_if_exists")).prepare().done_ids == set()
+        prepare(config(tmp_path / "out", "output.mode=error_if_exists"))
+    assert len(prepare(config(tmp_path / "fresh", "output.mode=error_if_exists")).done_ids) == 0
 
 
 def test_overwrite_starts_from_nothing(tmp_path):
     out = tmp_path / "out"
-    ShardWriter(config(out))(batch())
-    OutputDir(config(out)).prepare()
-    state = OutputDir(config(out, "output.mode=overwrite")).prepare()
-    assert state.done_ids == set() and not (out / "metadata").exists() and (out / RUN_FILE).exists()
+    with attempt(config(out)) as (_, _, write):
+        write(batch())
+    state = prepare(config(out, "output.mode=overwrite"))
+    assert len(state.done_ids) == 0 and not (out / "metadata").exists() and (out / RUN_FILE).exists()
 
 
 def test_resume_loads_committed_rows_and_refuses_other_settings(tmp_path):
     out = tmp_path / "out"
-    OutputDir(config(out)).prepare()
-    ShardWriter(config(out))(batch())
-    state = OutputDir(config(out, "stages.decoder.batch_size=64", "stages.prior.replicas=3")).prepare()
-    assert state.done_ids == {"row-0", "row-1", "bad"}, "batching and placement may change between attempts"
+    with attempt(config(out)) as (_, _, write):
+        write(batch())
+    state = prepare(config(out, "stages.decoder.batch_size=64", "stages.prior.replicas=3"))
+    assert len(state.done_ids) == 3, "batching and placement may change between attempts"
+    assert state.done_ids.contains(["row-0", "row-1", "bad", "row-2"]).tolist() == [True, True, True, False]
     with pytest.raises(OutputError, match=r"different settings \(seed, stages.decoder.steps\)"):
-        OutputDir(config(out, "seed=9", "stages.decoder.steps=3")).prepare()
+        prepare(config(out, "seed=9", "stages.decoder.steps=3"))
+
+
+def test_resume_refuses_other_devices_or_dtypes_once_both_are_known(tmp_path):
+    out = tmp_path / "out"
+    cfg = config(out)
+    output = OutputDir(cfg)
+    output.acquire()
+    output.prepare({"decoder": "cpu fp32"})
+    output.release()
+    assert OutputDir(cfg).check() is None, "before planning the resolved values are not compared"
+    with pytest.raises(OutputError, match=r"different settings \(resolved.decoder\)"):
+        OutputDir(cfg).check({"decoder": "cuda fp16"})
+    assert OutputDir(cfg).check({"decoder": "cpu fp32"}) is None
 
 
 def test_uncommitted_shards_and_in_progress_files_are_removed_on_resume(tmp_path):
     out = tmp_path / "out"
     cfg = config(out, "output.format=webdataset")
-    OutputDir(cfg).prepare()
-    ShardWriter(cfg)(batch())
+    with attempt(cfg) as (_, _, write):
+        write(batch())
     (out / "shards" / "part-orphan.tar").write_bytes(b"written, never committed")
     (out / "metadata" / ".part-x.parquet.inprogress-123").write_bytes(b"half")
-    state = OutputDir(cfg).prepare()
+    state = prepare(cfg)
+    assert len(state.committed_shards) == 1
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"{s}.tar" for s in state.committed_shards]
     assert not list(out.rglob(".*inprogress*"))
+
+
+def test_a_second_driver_refuses_while_the_first_holds_the_output_and_takes_over_after(tmp_path):
+    cfg = config(tmp_path / "out", "output.lease_s=2")
+    first, second = OutputDir(cfg), OutputDir(cfg)
+    first.acquire()
+    try:
+        with pytest.raises(LeaseError, match=r"is in use by another run \(attempt .* lease until"):
+            second.acquire()
+        time.sleep(2.5)  # the first renews every third of its lease: still alive, still refused
+        with pytest.raises(LeaseError, match="is in use by another run"):
+            second.acquire()
+    finally:
+        first.lease._stop.set()  # the first driver dies: it stops renewing without letting go
+        first.lease._renewer.join()
+    time.sleep(2.1)
+    second.acquire()
+    second.release()
+
+
+def test_two_drivers_claiming_at_once_leave_one_owner(tmp_path):
+    cfg = config(tmp_path / "out", "output.lease_s=8")
+    outputs = [OutputDir(cfg) for _ in range(2)]
+    results = [None, None]
+
+    def claim(i):
+        try:
+            outputs[i].acquire()
+            results[i] = "owner"
+        except LeaseError:
+            results[i] = "refused"
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ["owner", "refused"]
+    for output in outputs:
+        output.release()
+
+
+def test_a_dead_attempts_late_commit_is_fenced_out_and_never_counted(tmp_path):
+    out = tmp_path / "out"
+    cfg = config(out)
+    with attempt(cfg) as (_, _, dead_writer):
+        dead_writer(rows_of(["a", "b"]))
+    # A newer attempt starts; the dead one's writer, still running, tries to commit more rows.
+    with attempt(cfg) as (output, state, write):
+        assert len(state.done_ids) == 2
+        with pytest.raises(FencedOut, match="no longer holds output"):
+            dead_writer(rows_of(["c", "d"]))
+        # Had its commit slipped in between the check and the write, the part is not this attempt's: not counted.
+        straggler = ShardWriter(cfg, dead_writer.attempt)
+        straggler._check_lease = lambda fs, root: None
+        straggler(rows_of(["c", "d"]))
+        write(rows_of(["c", "d"]))
+        counted = output.committed_parts(remove_others=True)
+        assert len(counted) == 2
+        ids = sorted({i for part in counted for i in pq.read_table(part).column("id").to_pylist()})
+        assert ids == ["a", "b", "c", "d"]
+    assert len(list((out / "metadata").glob("*.parquet"))) == 2, "the straggler's part was removed"
 
 
 def test_a_finished_run_is_reported_not_redone(tmp_path):
@@ -63,7 +171,7 @@ def test_a_finished_run_is_reported_not_redone(tmp_path):
 
     write_prompts(prompts, ["x"])
     cfg = load_config(None, [], input_path=str(prompts), output_path=str(out), preset="tiny")
-    OutputDir(cfg).prepare()
+    prepare(cfg)
     (out / SUCCESS_FILE).write_text(json.dumps({"counts": {"ok": 1, "error": 0}, "output": str(out)}))
     result = generate(cfg)  # would need Ray and models if it did any work
     assert result.already_done and result.summary["counts"]["ok"] == 1

@@ -67,10 +67,9 @@ def test_rows_get_ids_seeds_and_errors(tmp_path):
     path = write_prompts(tmp_path / "p.parquet", ["a", "b", None, "c"], seed=pa.array([10, None, 3, -4], pa.int64()))
     cfg = config(path, "rerank.candidates=3", "rerank.keep=1", "models.clip=/c", "seed=5")
     info = preflight(cfg)
-    raw = pq.read_table(path).to_pydict()
-    batch = {"prompt": np.array(raw["prompt"], dtype=object), "seed": np.array(raw["seed"], dtype=object),
-             "path": np.array([path] * 4, dtype=object), "row_hash": np.array([1, 2, 3, 4], dtype=np.uint64)}
-    out = RowPreparer(cfg, info)(batch)
+    table = pq.read_table(path).append_column("path", pa.array([path] * 4)).append_column(
+        "row_hash", pa.array([1, 2, 3, 4], pa.uint64()))
+    out = RowPreparer(cfg, info)(table)
     assert out["id"].tolist() == [derived_id(path, h) for h in (1, 2, 3, 4)]
     assert re.fullmatch(r"p-[0-9a-f]{16}", out["id"][0])
     assert out["seeds"][0].tolist() == [10, 11, 12]
@@ -78,8 +77,59 @@ def test_rows_get_ids_seeds_and_errors(tmp_path):
     assert out["seeds"][1].tolist() == [base, base + 1, base + 2], "a null seed falls back to the derivation"
     assert out["status"].tolist() == ["ok", "ok", "error", "error"]
     assert out["error"][2] == "prompt is null" and "seed -4 is out of range" in out["error"][3]
-    done = RowPreparer(cfg, info, done_ids={out["id"][0]})(batch)
+    assert out["row_seed"].tolist() == [10, base, 3, -4] and out["row_seed_known"].all()
+    done = RowPreparer(cfg, info, done_ids={out["id"][0]})(table)
     assert out["id"][0] not in done["id"].tolist() and len(done["id"]) == 3
+
+
+def test_a_seed_int64_cannot_hold_is_an_error_row_with_no_seed(tmp_path):
+    path = write_prompts(tmp_path / "u.parquet", ["a", "b", "c"], id=["big", "edge", "fine"],
+                         seed=pa.array([2**64 - 1, 2**63, 2**63 - 1], pa.uint64()))
+    cfg = config(path)
+    out = RowPreparer(cfg, preflight(cfg))(pq.read_table(path))
+    assert out["status"].tolist() == ["error", "error", "ok"]
+    assert f"seed {2**64 - 1} is out of range" in out["error"][0] and f"seed {2**63} is out of range" in out["error"][1]
+    assert out["row_seed_known"].tolist() == [False, False, True] and out["row_seed"][2] == 2**63 - 1
+    assert out["seeds"][2].tolist() == [2**63 - 1]
+
+
+def test_64_bit_seeds_and_integer_ids_are_exact_through_ray_data(ray_session, tmp_path):
+    from pipeline.reader import read_prompts
+    from pipeline.writer import ShardWriter
+
+    # Nulls make Arrow hand these int64 columns to numpy as float64, which cannot hold the values exactly.
+    ids = pa.array([12, None, 7, 2**62 + 1, None, 3], pa.int64())
+    given = [2**63 - 1, None, 2**63 - 5, 2**53 + 1, -1, None]
+    path = write_prompts(tmp_path / "prompts.parquet", [f"prompt {i}" for i in range(6)], id=ids,
+                         seed=pa.array(given, pa.int64()))
+    output = tmp_path / "out"
+    cfg = load_config(None, ["models.unclip=/x", "models.clip=/c", "rerank.candidates=2", "rerank.keep=2", "seed=5"],
+                      input_path=path, output_path=str(output))
+    info = preflight(cfg)
+
+    def with_images(batch):  # stands in for the stages: every kept candidate gets an 8x8 image
+        return {**batch, "image": np.zeros(batch["seeds"].shape + (8, 8, 3), dtype=np.uint8)}
+
+    rows = read_prompts(cfg, info).take_all()
+    by_prompt = {row["prompt"]: row for row in rows}
+    assert [by_prompt[f"prompt {i}"]["id"] for i in (0, 2, 3, 5)] == ["12", "7", str(2**62 + 1), "3"]
+    assert all(re.fullmatch(r"prompts-[0-9a-f]{16}", by_prompt[p]["id"]) for p in ("prompt 1", "prompt 4"))
+    base_1, base_5 = (seeds.derived_base_seed(5, by_prompt[p]["id"]) for p in ("prompt 1", "prompt 5"))
+    expected = {"prompt 0": [2**63 - 1, 0], "prompt 1": [base_1, (base_1 + 1) % 2**63],
+                "prompt 2": [2**63 - 5, 2**63 - 4], "prompt 3": [2**53 + 1, 2**53 + 2],
+                "prompt 5": [base_5, (base_5 + 1) % 2**63]}
+    for prompt, candidate_seeds in expected.items():
+        assert [int(s) for s in by_prompt[prompt]["seeds"]] == candidate_seeds, prompt
+        assert by_prompt[prompt]["status"] == "ok", by_prompt[prompt]["error"]
+    assert by_prompt["prompt 4"]["status"] == "error" and "seed -1 is out of range" in by_prompt["prompt 4"]["error"]
+
+    read_prompts(cfg, info).map_batches(with_images, batch_format="numpy").map_batches(
+        ShardWriter(cfg), batch_format="numpy").materialize()
+    recorded = {(r["prompt"], r["candidate"] or 0): r for r in pq.read_table(output / "metadata").to_pylist()}
+    for prompt, candidate_seeds in expected.items():
+        assert [recorded[(prompt, j)]["seed"] for j in (0, 1)] == candidate_seeds, prompt
+    assert recorded[("prompt 0", 0)]["id"] == "12"
+    assert recorded[("prompt 4", 0)]["status"] == "error" and recorded[("prompt 4", 0)]["seed"] == -1
 
 
 BAD_ROWS = [  # (id, prompt, expected status, expected error or truncated flag)

@@ -9,7 +9,7 @@ import torch
 
 from actors.base import StageContext
 from actors.prior import sample_prior
-from actors.reranker import RerankerActor, clip_scores
+from actors.reranker import RerankerActor, clip_scores, pixels_uint8
 from pipeline import checkpoints, seeds
 from pipeline.config import load_config
 from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
@@ -61,6 +61,24 @@ def test_keeps_the_best_k_and_carries_their_columns(tiny_models):
     assert out["image_64"].shape == (n, 2, 3, 16, 16) and out["_images_reranker"].tolist() == [4, 4, 0]
 
 
+def test_scores_in_fp32_whatever_the_run_dtype(tiny_models):
+    config = config_for(tiny_models, "dtype=fp16", "stages.reranker.dtype=fp16", "rerank.candidates=2", "rerank.keep=1")
+    actor = RerankerActor(StageContext(config=config, options={"column": "image_64"}))
+    assert actor.dtype == torch.float32
+    assert {p.dtype for p in actor.model.parameters()} == {torch.float32}
+    rng = np.random.default_rng(2)
+    images = rng.uniform(-1, 1, (1, 2, 3, 16, 16)).astype(np.float32)
+    out = actor({"id": np.array(["a"], dtype=object), "prompt": np.array(["a red fox"], dtype=object),
+                 "status": np.array(["ok"], dtype=object), "error": np.array([""], dtype=object),
+                 "truncated": np.zeros(1, bool), "seeds": np.array([[0, 1]], dtype=np.int64), "image_64": images})
+    with torch.no_grad():
+        fp32 = clip_scores(checkpoints.load(tiny_models["clip"], "clip", "model", torch_dtype=torch.float32),
+                           actor.tokenizer, actor.image_processor, ["a red fox"] * 2,
+                           pixels_uint8("image_64", images[0]), torch.device("cpu"), torch.float32)
+    assert out["candidate_scores"].dtype == np.float32
+    np.testing.assert_array_equal(out["candidate_scores"][0], fp32.numpy())
+
+
 @pytest.mark.parametrize("at,expected_256_images", [("decoder", 2), ("upsampler_256", 3)])
 def test_upsamplers_get_k_images_when_reranking_at_the_decoder(tiny_models, at, expected_256_images):
     config = config_for(tiny_models, "rerank.candidates=3", "rerank.keep=2", f"rerank.at={at}", upsampler_1024=True)
@@ -80,9 +98,9 @@ def test_best_of_keeps_the_embedding_closest_to_the_text(tiny_models):
             ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")}
     samples = []
     for i in range(3):
-        generator = seeds.new_generator(seeds.best_of_seed(9, i), torch.device("cpu"))
+        generator = seeds.new_generator(seeds.best_of_seed(9, i))
         with torch.no_grad():
-            samples.append(sample_prior(prior, scheduler, text, [generator], steps=4, guidance_scale=4.0)[0])
+            samples.append(sample_prior(prior, scheduler, text, [generator], steps=4, guidance_scale=4.0, cfg=True)[0])
     scores = [float(s @ text["text_embeds"][0]) for s in samples]
     best = samples[int(np.argmax(scores))].numpy()
     assert np.allclose(out["image_embeds"][0, 0], best, atol=1e-5)

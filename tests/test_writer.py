@@ -101,3 +101,18 @@ def test_keys_from_untrusted_ids_are_safe_bounded_and_unique():
     for key in keys:
         assert re.fullmatch(r"[A-Za-z0-9_-]{1,100}", key), key
     assert safe_key("plain-id_1") == "plain-id_1"
+
+
+def test_an_error_row_records_the_seed_it_was_given_or_none(tmp_path):
+    write, out = writer(tmp_path)
+    n = 3
+    write({"id": np.array(["negative", "too-big", "bad-prompt"], dtype=object),
+           "prompt": np.array(["a", "b", ""], dtype=object), "status": np.array(["error"] * n, dtype=object),
+           "error": np.array(["seed -1 is out of range", f"seed {2**64 - 1} is out of range", "prompt is empty"],
+                             dtype=object),
+           "truncated": np.zeros(n, dtype=bool),
+           # The reader leaves a rejected seed's candidate seeds at 0; the row's own value travels beside them.
+           "seeds": np.array([[0, 0], [0, 0], [2**63 - 1, 0]], dtype=np.int64),
+           "row_seed": np.array([-1, 0, 2**63 - 1], dtype=np.int64), "row_seed_known": np.array([True, False, True])})
+    recorded = {r["id"]: r["seed"] for r in pq.read_table(out / "metadata").to_pylist()}
+    assert recorded == {"negative": -1, "too-big": None, "bad-prompt": 2**63 - 1}
