@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline import checkpoints, progress, seeds
-from pipeline.config import Config
+from pipeline.config import Config, compute_dtype
 from pipeline.writer import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ class StageContext:
     """Share of its GPU's memory this actor may allocate (the plan's figure); None: no cap."""
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def to_uint8_hwc(images01: torch.Tensor) -> np.ndarray:
@@ -81,8 +77,6 @@ class StageActor:
     """Outputs have no candidate axis (the text encoder)."""
     uses_generators: ClassVar[bool] = False
     """Continue each candidate's generator from `generator_state` (or start it from `seeds`)."""
-    fixed_dtype: ClassVar[torch.dtype | None] = None
-    """Compute in this dtype whatever `dtype` the run configures; None: the configured one."""
 
     def __init__(self, context: StageContext):
         self.context = context
@@ -103,7 +97,7 @@ class StageActor:
         self.batch_images = context.batch_images or self.settings.batch_images()
         self.oom_halvings = 0
         """Times a forward pass ran out of GPU memory and was retried as two halves."""
-        self.dtype = self.fixed_dtype or resolve_dtype(self.settings.dtype or self.config.dtype, self.device)
+        self.dtype = DTYPES[compute_dtype(self.config, self.name, self.device.type)]
         self.output_spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         """Per-image (or per-row) shape and dtype of each output; filled by load()."""
         try:

@@ -35,9 +35,7 @@ def clip_scores(model, tokenizer, image_processor, prompts: list[str], images_ui
 
 class RerankerActor(StageActor):
     name = "reranker"
-    row_inputs = ("prompt",)
-    # fp16 scores move in steps of 0.016-0.03, so close candidates would swap ranks between GPU types.
-    fixed_dtype = torch.float32
+    row_inputs = ("prompt",)  # computes in fp32 whatever the run's dtype: see pipeline.config.FP32_STAGES
 
     def __init__(self, context):
         self.column = context.options["column"]

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import json
-import os
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from actors.base import FINAL_IMAGE, StageActor
-
-DEFAULT_MAX_NOISE_LEVEL = 350  # the x4 upscaler's model_index.json value
+from pipeline import checkpoints
 
 
 def encode_upscaler_prompts(tokenizer, text_encoder, prompts: list[str], cfg: bool, device: torch.device):
@@ -81,14 +78,9 @@ class Upsampler1024Actor(StageActor):
         vae = self.components["vae"]
         if vae.dtype == torch.float16 and vae.config.force_upcast:
             vae.to(torch.float32)  # the pipeline decodes such VAEs in fp32 (they overflow in fp16)
-        max_noise_level = DEFAULT_MAX_NOISE_LEVEL
-        index = os.path.join(path, "model_index.json")
-        if os.path.exists(index):
-            with open(index, encoding="utf-8") as fh:
-                max_noise_level = int(json.load(fh).get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
-        if self.settings.noise_level > max_noise_level:
-            raise ValueError(f"stages.upsampler_1024.noise_level={self.settings.noise_level} exceeds the checkpoint's "
-                             f"max_noise_level={max_noise_level}")
+        # The same check preflight makes, read from the source (a remote copy holds only the components).
+        checkpoints.check_noise_level(self.config.models.upsampler_1024, self.settings.noise_level,
+                                      self.config.storage_options)
         self.scale = 2 ** (len(self.components["vae"].config.block_out_channels) - 1)
         self.output_spec = {}  # image size depends on the input; set on the first batch
 

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -199,59 +198,174 @@ def simulate(args) -> dict:
 # ---------------------------------------------------------------- --memory
 
 
-def _peak_rss_during(fn):
-    import psutil
+GOAL_PEAK_MB = 1536.0
+"""Peak driver RSS goal: 1.5 GiB."""
+GOAL_GROWTH = 1.10
+"""Peak at --prompts over the peak at a tenth of them, at most."""
 
-    process = psutil.Process()
-    peak = [process.memory_info().rss]
-    done = threading.Event()
 
-    def sample():
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], process.memory_info().rss)
+def _memory_sets(args) -> list[str]:
+    return ["run.gpus=0", "output.format=webdataset", f"output.shard_size={args.memory_shard_size}",
+            "run.progress_interval_s=60", *_batch_sets(args.memory_batch), *args.overrides]
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    before = process.memory_info().rss
-    try:
-        result = fn()
-    finally:
-        done.set()
-        thread.join()
-    return result, before, peak[0]
+
+def _measured_driver(args, name: str, input_dir: str, output_dir: str) -> dict:
+    """One `generate` in a fresh driver process (benchmarks/memory_run.py); returns its figures."""
+    import subprocess
+
+    spec_path = os.path.join(args.memory_dir, f"{name}.spec.json")
+    result_path = os.path.join(args.memory_dir, f"{name}.result.json")
+    spec = {"input": input_dir, "output": output_dir, "sets": _memory_sets(args), "result": result_path,
+            "cpus": args.memory_cpus, "traced": args.memory_tracemalloc}
+    with open(spec_path, "w", encoding="utf-8") as fh:
+        json.dump(spec, fh)
+    print(f"[memory] {time.strftime('%H:%M:%S')} {name}: generate {input_dir} -> {output_dir}", flush=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.memory_run", "--child", spec_path], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(result_path, encoding="utf-8") as fh:
+        figures = json.load(fh)
+    print(f"[memory] {time.strftime('%H:%M:%S')} {name}: before {figures['driver_rss_before_mb']} MB, peak "
+          f"{figures['driver_rss_peak_mb']} MB, {figures['seconds']} s; counts {figures['counts']}", flush=True)
+    return figures
+
+
+def _metadata_parts(output_dir: str) -> list[str]:
+    folder = os.path.join(output_dir, "metadata")
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".parquet") and n[0] != ".")
+
+
+def _shard_count(output_dir: str) -> int:
+    return sum(1 for n in os.listdir(os.path.join(output_dir, "shards")) if n.endswith(".tar"))
+
+
+def _prompt_ids(parts: list[str]) -> np.ndarray:
+    """Sorted digests of the prompt ids in these metadata parts (each prompt once, whatever its images)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.rowids import DIGEST, digests
+
+    chunks = [digests(pq.read_table(p, columns=["id"]).column("id").to_pylist()) for p in parts]
+    return np.unique(np.concatenate(chunks)) if chunks else np.empty(0, DIGEST)
+
+
+def _check_complete(figures: dict, manifest: dict, keep: int, output_dir: str, generated: int, skipped: int) -> None:
+    """The summary accounts for every input row, and the output holds one tar per committed part."""
+    import pyarrow.parquet as pq
+
+    rows, errors = manifest["rows"], manifest["error_rows"]
+    expected = {"input_rows": rows, "ok": rows - errors, "error": errors, "images": (rows - errors) * keep,
+                "generated_this_attempt": generated, "skipped": skipped}
+    counts = figures["counts"]
+    wrong = {k: (counts.get(k), v) for k, v in expected.items() if counts.get(k) != v}
+    parts = _metadata_parts(output_dir)
+    metadata_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    if metadata_rows != expected["images"] + errors:
+        wrong["metadata_rows"] = (metadata_rows, expected["images"] + errors)
+    if _shard_count(output_dir) != len(parts):
+        wrong["tar_shards"] = (_shard_count(output_dir), len(parts))
+    if figures["status"] != "complete" or figures["already_done"]:
+        wrong["status"] = (figures["status"], "complete")
+    if wrong:
+        raise RuntimeError(f"run in {output_dir} is incomplete (got, expected): {wrong}")
+    figures["checked"] = {**expected, "metadata_parts": len(parts), "metadata_rows": metadata_rows}
+
+
+def _half_finish(output_dir: str, saved_ids: str) -> int:
+    """Make a finished run half-finished: drop its summary and every other metadata part (their tar shards
+    become uncommitted, which the resume deletes). Saves the dropped prompts' id digests; returns how many."""
+    os.remove(os.path.join(output_dir, "_SUCCESS.json"))
+    dropped = _metadata_parts(output_dir)[::2]
+    ids = _prompt_ids(dropped)
+    np.save(saved_ids, ids)
+    for path in dropped:
+        os.remove(path)
+    return len(ids)
+
+
+def _check_regenerated(output_dir: str, saved_ids: str) -> None:
+    """The resume's own parts hold exactly the prompts that were dropped."""
+    from pipeline.writer import part_attempt
+
+    with open(os.path.join(output_dir, "_attempt.json"), encoding="utf-8") as fh:
+        attempt = json.load(fh)["attempt"]
+    mine = [p for p in _metadata_parts(output_dir) if part_attempt(os.path.basename(p)[: -len(".parquet")]) == attempt]
+    regenerated, dropped = _prompt_ids(mine), np.load(saved_ids)
+    if not np.array_equal(regenerated, dropped):
+        raise RuntimeError(f"the resume regenerated {len(regenerated)} prompts, not the {len(dropped)} dropped ones "
+                           f"({len(np.setdiff1d(dropped, regenerated))} missing, "
+                           f"{len(np.setdiff1d(regenerated, dropped))} not dropped)")
 
 
 def memory(args) -> dict:
-    from benchmarks import simulation
-    from pipeline.plan import ClusterShape, plan_placements, stage_specs
-    from pipeline.reservation import GpuReservation
+    """Driver RSS of the product's own run (generate) with zero-cost stage bodies: a full run of a tenth of
+    --prompts, a full run of --prompts, and the resume of that run made half-finished."""
+    import shutil
 
-    config = _config(*_batch_sets(args.memory_batch))
-    stages = stage_specs(config)
-    _init_ray(args.gpus)
-    import ray
+    from benchmarks import memory_run
 
-    plan = plan_placements(config, stages, ClusterShape(ray.cluster_resources()["CPU"], args.gpus), rows=args.prompts)
-    reservation = GpuReservation(args.gpus, plan.bundle_cpus)
-    reservation.wait(300, print)
-    row_seconds = {s.name: simulation.BatchTime(0.0, 0.0) for s in stages}
-    locks = tempfile.mkdtemp(prefix="simgpu-")
-    figures = {}
-    for rows in sorted({args.prompts // 10, args.prompts}):
-        started = time.time()
-        measured, before, peak = _peak_rss_during(
-            lambda rows=rows: simulation.run_pipeline(config, stages, plan, row_seconds, rows, locks, reservation,
-                                                      block_rows=args.memory_batch))
-        figures[rows] = {"rows": measured.rows, "driver_rss_before_mb": round(before / 2**20, 1),
-                         "driver_rss_peak_mb": round(peak / 2**20, 1),
-                         "growth_mb": round((peak - before) / 2**20, 1), "seconds": round(time.time() - started, 1)}
-    table = [("prompts", "driver RSS before MB", "peak MB", "growth MB", "seconds")]
-    table += [(f["rows"], f["driver_rss_before_mb"], f["driver_rss_peak_mb"], f["growth_mb"], f["seconds"])
-              for f in figures.values()]
-    _print_rows("--memory: driver RSS while streaming a simulated run (zero-cost stages)", table)
-    small, large = figures[min(figures)], figures[max(figures)]
-    return {"mode": "memory", "runs": list(figures.values()),
-            "peak_ratio_large_over_small": round(large["driver_rss_peak_mb"] / small["driver_rss_peak_mb"], 3)}
+    large = args.prompts
+    small = max(1, large // 10)
+    keep = _config(*_memory_sets(args)).rerank.keep
+    os.makedirs(args.memory_dir, exist_ok=True)
+    runs = []
+    variants = [True] + ([False] if args.memory_no_ids else [])
+    for with_ids in variants:
+        tag = "ids" if with_ids else "derived-ids"
+        for rows in (small, large):
+            input_dir = os.path.join(args.memory_dir, f"input-{rows}-{tag}")
+            output_dir = os.path.join(args.memory_dir, f"output-{rows}-{tag}")
+            shutil.rmtree(output_dir, ignore_errors=True)
+            shutil.rmtree(input_dir, ignore_errors=True)
+            began = time.time()
+            manifest = memory_run.write_prompts(input_dir, rows, with_ids, file_rows=args.memory_file_rows)
+            print(f"[memory] {time.strftime('%H:%M:%S')} input of {rows} prompts ({tag}, {manifest['files']} "
+                  f"files) written in {time.time() - began:.0f} s", flush=True)
+            name = f"full-{rows}-{tag}"
+            figures = _measured_driver(args, name, input_dir, output_dir)
+            _check_complete(figures, manifest, keep, output_dir, generated=rows, skipped=0)
+            runs.append({"prompts": rows, "ids": tag, "phase": "full", **figures})
+            if rows == large and with_ids:
+                saved = os.path.join(args.memory_dir, "dropped-ids.npy")
+                dropped = _half_finish(output_dir, saved)
+                print(f"[memory] dropped the summary and {dropped} prompts' metadata parts", flush=True)
+                name = f"resume-{rows}-{tag}"
+                figures = _measured_driver(args, name, input_dir, output_dir)
+                _check_complete(figures, manifest, keep, output_dir, generated=dropped, skipped=rows - dropped)
+                _check_regenerated(output_dir, saved)
+                runs.append({"prompts": rows, "ids": tag, "phase": "resume half", **figures})
+            if not args.memory_keep:
+                shutil.rmtree(output_dir, ignore_errors=True)
+                shutil.rmtree(input_dir, ignore_errors=True)
+    if not args.memory_keep:
+        shutil.rmtree(args.memory_dir, ignore_errors=True)
+
+    table = [("prompts", "ids", "phase", "driver RSS before MB", "peak MB", "seconds")]
+    table += [(r["prompts"], r["ids"], r["phase"], r["driver_rss_before_mb"], r["driver_rss_peak_mb"], r["seconds"])
+              for r in runs]
+    _print_rows("--memory: driver RSS of generate() on the real data path (stand-in stage bodies)", table)
+    phase_names = ["preflight", "setup", "prepare", "streaming", "accounting", "report", "summary"]
+    table = [("prompts", "ids", "phase", *[f"{p} peak MB / s" for p in phase_names])]
+    for r in runs:
+        table.append((r["prompts"], r["ids"], r["phase"],
+                      *[f"{r['phases'][p]['peak_mb']} / {r['phases'][p]['seconds']}" if p in r["phases"] else "-"
+                        for p in phase_names]))
+    _print_rows("peak driver RSS (MB) and seconds by phase of generate()", table)
+
+    def peak(rows, phase="full", tag="ids"):
+        return next(r["driver_rss_peak_mb"] for r in runs if (r["prompts"], r["phase"], r["ids"]) == (rows, phase, tag))
+
+    ratio = round(peak(large) / peak(small), 3)
+    highest = max(r["driver_rss_peak_mb"] for r in runs)
+    print(f"\npeak({large}) / peak({small}) = {ratio} (goal <= {GOAL_GROWTH}); highest peak {highest} MB "
+          f"(goal < {GOAL_PEAK_MB:g} MB): {'met' if ratio <= GOAL_GROWTH and highest < GOAL_PEAK_MB else 'NOT met'}")
+    figures = {"mode": "memory", "settings": _memory_sets(args), "cpus_for_ray": args.memory_cpus, "runs": runs,
+               "peak_ratio_large_over_small": ratio, "highest_peak_mb": highest,
+               "goal": {"peak_mb_below": GOAL_PEAK_MB, "growth_at_most": GOAL_GROWTH,
+                        "met": ratio <= GOAL_GROWTH and highest < GOAL_PEAK_MB}}
+    if args.memory_no_ids:
+        figures["peak_ratio_large_over_small_derived_ids"] = round(
+            peak(large, tag="derived-ids") / peak(small, tag="derived-ids"), 3)
+    return figures
 
 
 # ---------------------------------------------------------------- --rerank
@@ -400,7 +514,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="scheduling benchmark, no models: a profile name (dalle2, karlo) or a JSON profile file")
     mode.add_argument("--tiny", action="store_true", help="real tiny models vs a diffusers loop on this machine")
     mode.add_argument("--rerank", action="store_true", help="upsampler work per kept image by rerank.at")
-    mode.add_argument("--memory", action="store_true", help="driver peak RSS for a simulated run of --prompts")
+    mode.add_argument("--memory", action="store_true",
+                      help="driver peak RSS of generate() (stand-in stage bodies) at --prompts / 10 and --prompts, "
+                           "and of resuming the --prompts run half-finished")
     mode.add_argument("--plan", action="store_true", help="print the placement plan and its predicted bound")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=None)
@@ -415,7 +531,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "per actor on this machine)")
     parser.add_argument("--default-fraction", type=int, default=8,
                         help="--simulate: ray_data_default runs on prompts / this (it is slow)")
-    parser.add_argument("--memory-batch", type=int, default=1000)
+    parser.add_argument("--memory-batch", type=int, default=1000, help="--memory: images per batch in every stage")
+    parser.add_argument("--memory-shard-size", type=int, default=10000, help="--memory: output.shard_size")
+    parser.add_argument("--memory-file-rows", type=int, default=1_000_000, help="--memory: prompts per input file")
+    parser.add_argument("--memory-cpus", type=int, default=max(4, os.cpu_count() or 2),
+                        help="--memory: logical CPUs of the local Ray each measured driver starts")
+    parser.add_argument("--memory-dir", default="/tmp/membench", help="--memory: inputs and outputs (deleted after)")
+    parser.add_argument("--memory-keep", action="store_true", help="--memory: keep --memory-dir")
+    parser.add_argument("--memory-no-ids", action="store_true",
+                        help="--memory: also full runs of an input without an id column (derived ids)")
+    parser.add_argument("--memory-tracemalloc", action="store_true",
+                        help="--memory: also record the Python heap peak of each phase (slower)")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--keep", type=int, default=1)
     parser.add_argument("--rerank-prompts", type=int, default=4)
@@ -429,7 +555,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.prompts is None:
-        args.prompts = 1_000_000 if args.memory else 2000
+        args.prompts = 10_000_000 if args.memory else 2000
     return args
 
 

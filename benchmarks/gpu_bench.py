@@ -947,7 +947,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.device.startswith("cuda") and not args.small:
         parser.error("Karlo-size models need a GPU: pass --small for a CPU check of the script")
     args.dtype_requested = args.dtype
-    if args.dtype == "auto":  # as the product's resolve_dtype reads 'auto'
+    if args.dtype == "auto":  # as the product's compute_dtype reads 'auto'
         args.dtype = "fp16" if args.device.startswith("cuda") else "fp32"
     args.baseline_dtype = args.baseline_dtype or args.dtype
     return args

@@ -133,8 +133,43 @@ def _where(url: str, layout: Layout, component: Component) -> str:
     return f"checkpoint {url.rstrip('/')}{inside} ({layout.description})"
 
 
-def _plan_files(url: str, layout: Layout, storage_options: dict, allow_pickle: bool) -> list[str]:
-    """Relative paths of every file the layout needs, after checking they exist and configs parse."""
+VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "checksum", "generation", "VersionId", "version_id",
+                  "LastModified", "last_modified", "updated", "mtime", "created")
+"""What fsspec listings say about a file's version (S3, GCS, Azure, local, memory): a changed file changes one."""
+
+
+def _listing(fs, folder: str, url: str) -> dict[str, dict]:
+    """Name -> fsspec details of every entry directly in folder; empty when it does not exist."""
+
+    def ls() -> list:
+        try:
+            return fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return []
+
+    fs.invalidate_cache(folder)
+    try:
+        entries = storage.with_retries(ls, what=f"list {url}")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {url} cannot be listed: {type(exc).__name__}: {exc}") from None
+    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
+
+
+def _check_json(url: str, layout: Layout, component: Component, name: str, raw: bytes) -> None:
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{_where(url, layout, component)}: {name} is not valid JSON ({exc})") from None
+
+
+def _is_config(name: str) -> bool:
+    return name.endswith("config.json") and name != "tokenizer_config.json"
+
+
+def _plan_files(url: str, layout: Layout, storage_options: dict, allow_pickle: bool,
+                read_configs: bool = True) -> dict[str, tuple[Component, dict]]:
+    """Every file the layout needs, relative path -> (component, the storage's details of it), after checking
+    they exist and (with read_configs) that their configs parse."""
     fs, root = storage.filesystem(url, storage_options)
     try:
         is_dir = storage.with_retries(lambda: fs.isdir(root), what=f"stat {url}")
@@ -142,27 +177,29 @@ def _plan_files(url: str, layout: Layout, storage_options: dict, allow_pickle: b
         raise CheckpointError(f"checkpoint {url} cannot be read: {type(exc).__name__}: {exc}") from None
     if not is_dir:
         raise CheckpointError(f"checkpoint {url} does not exist or is not a directory ({layout.description})")
-    listed: dict[str, set[str]] = {}
-    wanted: list[str] = []
+    listed: dict[str, dict[str, dict]] = {}
+    wanted: dict[str, tuple[Component, dict]] = {}
     for component in layout.components.values():
         sub = component.subfolder
         if sub not in listed:
-            folder = storage.join(root, sub) if sub else root
-            listed[sub] = {p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(fs, folder)}
+            listed[sub] = _listing(fs, storage.join(root, sub) if sub else root, url)
             if not listed[sub]:
                 raise CheckpointError(f"{_where(url, layout, component)}: folder {sub}/ is missing")
-        for name in select_files(_where(url, layout, component), component, listed[sub], allow_pickle):
+        for name in select_files(_where(url, layout, component), component, set(listed[sub]), allow_pickle):
             rel = f"{sub}/{name}" if sub else name
             if rel in wanted:
                 continue
-            wanted.append(rel)
-            if name.endswith("config.json") and name != "tokenizer_config.json":
-                raw = storage.read_bytes(fs, storage.join(root, rel))
-                try:
-                    json.loads(raw)
-                except ValueError as exc:
-                    raise CheckpointError(f"{_where(url, layout, component)}: {name} is not valid JSON ({exc})") from None
+            wanted[rel] = (component, listed[sub][name])
+            if read_configs and _is_config(name):
+                _check_json(url, layout, component, name, storage.read_bytes(fs, storage.join(root, rel)))
     return wanted
+
+
+def _manifest_of(files: dict[str, tuple[Component, dict]]) -> list[dict]:
+    """Each file the loader reads, with its size and version as the storage lists it."""
+    return [{"path": rel, "size": details.get("size"),
+             **{key: details[key] for key in VERSION_FIELDS if details.get(key) is not None}}
+            for rel, (_, details) in sorted(files.items())]
 
 
 def validate(url: str, layout_name: str, storage_options: dict | None = None, allow_pickle: bool = False) -> None:
@@ -210,7 +247,11 @@ def _build_once(target: str, fill) -> str:
 
 
 def local_dir(url: str, layout_name: str, storage_options: dict | None = None, allow_pickle: bool = False) -> str:
-    """A local directory holding the checkpoint: the path itself, or this node's cached copy or build."""
+    """A local directory holding the checkpoint: the path itself, or this node's cached copy or build.
+
+    A remote checkpoint's copy is keyed by its content as the storage lists it (each file's path, size, ETag,
+    mtime or checksum), so one republished at the same URL is copied anew and an unchanged one is not.
+    """
     if url.startswith(TINY_SCHEME):
         name = url[len(TINY_SCHEME):]
         validate(url, layout_name)
@@ -221,18 +262,65 @@ def local_dir(url: str, layout_name: str, storage_options: dict | None = None, a
         validate(path, layout_name, allow_pickle=allow_pickle)
         return os.path.abspath(path)
     options = storage_options or {}
-    digest = hashlib.sha256(f"{url.rstrip('/')}|pickle={allow_pickle}".encode()).hexdigest()[:16]
+    layout = LAYOUTS[layout_name]
+    planned = _plan_files(url, layout, options, allow_pickle, read_configs=False)
+    files = _manifest_of(planned)
+    key = json.dumps({"url": url.rstrip("/"), "layout": layout_name, "pickle": allow_pickle, "files": files},
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     target = os.path.join(cache_root(), "models", f"{url.rstrip('/').rsplit('/', 1)[-1]}-{digest}")
 
     def copy(staging: str) -> None:
         fs, root = storage.filesystem(url, options)
-        for rel in _plan_files(url, LAYOUTS[layout_name], options, allow_pickle):
+        for entry in files:
+            rel = entry["path"]
             local = os.path.join(staging, rel)
             os.makedirs(os.path.dirname(local), exist_ok=True)
             storage.with_retries(lambda rel=rel, local=local: fs.get_file(storage.join(root, rel), local),
                                  what=f"download {url}/{rel}")
+            if entry["size"] is not None and os.path.getsize(local) != entry["size"]:
+                raise CheckpointError(f"checkpoint {url} changed while it was copied ({rel}); rerun once it is "
+                                      "published completely")
+            if _is_config(os.path.basename(rel)):
+                with open(local, "rb") as fh:
+                    _check_json(url, layout, planned[rel][0], os.path.basename(rel), fh.read())
+        with open(os.path.join(staging, ".manifest.json"), "w", encoding="utf-8") as fh:
+            fh.write(key)
 
     return _build_once(target, copy)
+
+
+DEFAULT_MAX_NOISE_LEVEL = 350
+"""The x4 upscaler's highest noise_level when its model_index.json names none (diffusers' default)."""
+
+
+def max_noise_level(url: str, storage_options: dict | None = None) -> int:
+    """The highest noise_level an x4 upscaler checkpoint takes: max_noise_level in its model_index.json."""
+    if url.startswith(TINY_SCHEME):
+        url = local_dir(url, "upsampler_1024")
+    fs, root = storage.filesystem(url, storage_options)
+    try:
+        raw = storage.read_bytes(fs, storage.join(root, "model_index.json"))
+    except FileNotFoundError:
+        return DEFAULT_MAX_NOISE_LEVEL
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {url}: model_index.json cannot be read: {type(exc).__name__}: {exc}") from None
+    try:
+        value = json.loads(raw).get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"checkpoint {url}: model_index.json is not a valid JSON object") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"checkpoint {url}: max_noise_level in model_index.json must be an integer, got {value!r}")
+    return value
+
+
+def check_noise_level(url: str, noise_level: int, storage_options: dict | None = None) -> None:
+    """Refuse a 1024px upsampler noise_level above what the checkpoint was trained for."""
+    most = max_noise_level(url, storage_options)
+    if noise_level > most:
+        raise CheckpointError(f"stages.upsampler_1024.noise_level={noise_level} is above the maximum {most} of "
+                              f"checkpoint {url} (max_noise_level in its model_index.json); set "
+                              f"stages.upsampler_1024.noise_level to at most {most}")
 
 
 def _import(dotted: str) -> Any:

@@ -31,7 +31,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.config import STAGE_NAMES, ConfigError
+from pipeline.config import STAGE_NAMES, ConfigError, compute_dtype
 
 GIB = 2**30
 """Every *_gb figure in this module is GiB (2^30 bytes), as torch.cuda reports memory."""
@@ -819,16 +819,12 @@ def run_settings(config) -> UnclipSettings:
     """Steps, guidance, best_of and per-stage dtypes of a run ('auto' computes in fp16 on a GPU)."""
     stages = config.stages
 
-    def dtype(name: str) -> str:
-        chosen = getattr(stages, name).dtype or config.dtype
-        return "fp16" if chosen == "auto" else chosen
-
     return UnclipSettings(
         prior_steps=stages.prior.steps, prior_guidance_scale=stages.prior.guidance_scale,
         decoder_steps=stages.decoder.steps, decoder_guidance_scale=stages.decoder.guidance_scale,
         super_res_steps=stages.upsampler_256.steps, upsampler_1024_steps=stages.upsampler_1024.steps,
         upsampler_1024_guidance_scale=stages.upsampler_1024.guidance_scale, best_of=config.prior.best_of,
-        dtypes={name: dtype(name) for name in STAGE_NAMES})
+        dtypes={name: compute_dtype(config, name, "cuda") for name in STAGE_NAMES})
 
 
 def checkpoint_profile(config, gpu: GpuKind | None = None) -> CostProfile:

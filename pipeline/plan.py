@@ -189,21 +189,39 @@ def plan_placements(config: Config, stages: list[StageSpec], cluster: ClusterSha
     return _Planner(stages, settings, costs, cluster, rows).plan()
 
 
+def cpu_actor_cpus(names: list[str], settings, replicas: dict[str, int], room: float,
+                   preferred: float) -> dict[str, float]:
+    """CPUs per actor of the stages that compute on CPU: the stage's num_cpus when set, else an equal share of
+    what `room` leaves, at most `preferred`; a ConfigError when they cannot all fit in `room`."""
+    fixed = {n: float(settings[n].num_cpus) for n in names if settings[n].num_cpus}
+    shared = [n for n in names if n not in fixed]
+    left = room - sum(fixed[n] * replicas[n] for n in fixed)
+    count = sum(replicas[n] for n in shared)
+    # Rounded down: shares that sum past the room would starve the read and write tasks.
+    share = math.floor(min(preferred, left / count) * 100) / 100 if count else preferred
+    if left < -1e-9 or share < MIN_CPU_SHARE:
+        asked = sum(fixed[n] * replicas[n] for n in fixed) + MIN_CPU_SHARE * count
+        raise ConfigError(f"the stages on CPU ({', '.join(names)}) need at least {asked:g} CPUs (num_cpus x replicas) "
+                          f"but the cluster leaves them {max(0.0, room):g} (after the GPUs' reserved CPUs and the read/write "
+                          "tasks); lower stages.<stage>.num_cpus or replicas, or use a cluster with more CPUs")
+    return {n: fixed.get(n, share) for n in names}
+
+
 def _plan_cpu(stages, settings, costs, cluster: ClusterShape) -> Plan:
     replicas = {s.name: 1 if settings[s.name].replicas == "auto" else settings[s.name].replicas for s in stages}
     actors = sum(replicas.values())
     # Keep one CPU for Ray Data's own tasks (file listing asks for a whole CPU, then reads and writes),
-    # or a small machine deadlocks with every CPU held by an idle actor.
-    share = min(1.0, max(0.05, (cluster.cpus - TASK_CPUS_RESERVED) / actors))
+    # or a small machine deadlocks with every CPU held by an idle actor; never less than one task's CPUs.
+    preferred = min(1.0, max(0.05, (cluster.cpus - TASK_CPUS_RESERVED) / actors))
+    names = [s.name for s in stages]
+    cpus = cpu_actor_cpus(names, settings, replicas, cluster.cpus - task_cpus(cluster.cpus), preferred)
     threads = max(1, int(cluster.cpus // max(1, actors)))
     placements, row_costs = {}, {}
     for s in stages:
         batch = settings[s.name].batch_images()
         row_costs[s.name] = costs[s.name].seconds_per_image_at(batch) * s.images_per_row
         placements[s.name] = Placement(
-            replicas=replicas[s.name], num_gpus=0.0,
-            # Rounded down: shares that sum past the reserve would starve the listing task again.
-            num_cpus=settings[s.name].num_cpus or max(0.05, math.floor(share * 100) / 100),
+            replicas=replicas[s.name], num_gpus=0.0, num_cpus=cpus[s.name],
             batch_rows=max(1, batch // s.images_per_row), batch_images=batch, threads=threads)
     return Plan(placements=placements, row_costs=row_costs, gpus=0)
 
@@ -384,8 +402,18 @@ class _Planner:
         steps[costliest] += round(1 / GPU_GRANULARITY) - sum(steps.values())
         return {n: round(k * GPU_GRANULARITY, 6) for n, k in steps.items()}
 
+    def _cpu_stage_cpus(self, cpu_stages: list[str]) -> dict[str, float]:
+        """CPUs per actor of the stages set to num_gpus 0: a CPU each at most, within the CPUs outside the GPU
+        bundles less one read or write task's."""
+        replicas = {n: 1 if self.settings[n].replicas == "auto" else self.settings[n].replicas for n in cpu_stages}
+        # An autoscaler's GPU nodes bring their CPUs with them; the cluster's CPUs now may not count them yet.
+        cpus = max(self.cluster.cpus, self.cluster.gpus * (self.cluster.cpus_per_gpu or 0.0))
+        room = cpus - self.cluster.gpus * self.bundle_cpus - task_cpus(cpus)
+        return cpu_actor_cpus(cpu_stages, self.settings, replicas, room, 1.0)
+
     def _assemble(self, groups, slots, batches, cpu_stages, pinned, auto) -> Plan:
         placements, row_costs = {}, {}
+        cpu_stage_cpus = self._cpu_stage_cpus(cpu_stages) if cpu_stages else {}
         for spec in self.stages:
             name, s = spec.name, self.settings[spec.name]
             batch = batches[name]
@@ -394,8 +422,9 @@ class _Planner:
             shares = [f for b in sorted(slots) for n, f in slots[b] if n == name]
             if name in cpu_stages:
                 placements[name] = Placement(replicas=1 if s.replicas == "auto" else s.replicas, num_gpus=0.0,
-                                             num_cpus=s.num_cpus or 1.0, batch_rows=max(1, batch // spec.images_per_row),
-                                             batch_images=batch, threads=1)
+                                             num_cpus=cpu_stage_cpus[name],
+                                             batch_rows=max(1, batch // spec.images_per_row), batch_images=batch,
+                                             threads=1)
                 continue
             share = max(shares)
             cpus = s.num_cpus or min(self._split_cpus(slots[b])[name] for b in set(bundles))

@@ -180,18 +180,26 @@ class RowPreparer:
             reason = reason or seed_problem
             if reason:
                 status[i], errors[i] = "error", reason
-        keep = np.ones(n, dtype=bool)
-        if self.done_ids:
-            keep = np.array([not self._is_done(row_id) for row_id in ids], dtype=bool)
+        done = self._done_ids()
+        keep = ~done.contains(ids) if done else np.ones(n, dtype=bool)
         return {
             "id": ids[keep], "prompt": clean_prompts[keep], "status": status[keep], "error": errors[keep],
             "truncated": np.zeros(int(keep.sum()), dtype=bool), "seeds": seed_matrix[keep],
             "row_seed": row_seed[keep], "row_seed_known": row_seed_known[keep],
         }
 
-    def _is_done(self, row_id: str) -> bool:
-        """Whether an earlier attempt already committed this row."""
-        return row_id in self.done_ids
+    def _done_ids(self) -> rowids.IdSet | None:
+        """The ids earlier attempts committed: given directly, or as a Ray object (fetched once per process,
+        zero-copy from the node's object store, so millions of ids are not shipped with every task)."""
+        if self.done_ids is None or isinstance(self.done_ids, rowids.IdSet):
+            return self.done_ids
+        key = self.done_ids.hex()
+        if key not in _FETCHED_DONE_IDS:
+            import ray
+
+            _FETCHED_DONE_IDS.clear()  # one run's set at a time
+            _FETCHED_DONE_IDS[key] = ray.get(self.done_ids)
+        return _FETCHED_DONE_IDS[key]
 
     @staticmethod
     def _derived_id(table: pa.Table, i: int) -> str:
@@ -207,13 +215,17 @@ class RowPreparer:
         return value, None
 
 
+_FETCHED_DONE_IDS: dict[str, rowids.IdSet] = {}
+
+
 def _is_nan(value) -> bool:
     return isinstance(value, float) and value != value
 
 
 def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: float | None = None,
                  runtime_env: dict | None = None):
-    """A streaming Ray Dataset of pipeline rows; rows whose id is in done_ids are dropped."""
+    """A streaming Ray Dataset of pipeline rows; rows whose id is in done_ids (an IdSet) are dropped."""
+    import ray
     import ray.data
 
     fs, _ = storage.filesystem(info.url, config.storage_options)
@@ -222,7 +234,7 @@ def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: fl
         columns.append(config.input.id_column)
     if info.has_seed:
         columns.append(config.input.seed_column)
-    preparer = RowPreparer(config, info, done_ids)
+    preparer = RowPreparer(config, info, ray.put(done_ids) if done_ids else None)
     datasets = []
     for files in info.groups:
         dataset = ray.data.read_parquet(

@@ -64,6 +64,9 @@ def preflight(config: Config) -> reader.InputInfo:
         source = getattr(models, key)
         if source is not None:
             checkpoints.validate(source, key, config.storage_options, models.allow_pickle)
+    if models.upsampler_1024 is not None:
+        checkpoints.check_noise_level(models.upsampler_1024, config.stages.upsampler_1024.noise_level,
+                                      config.storage_options)
     return reader.preflight(config)
 
 

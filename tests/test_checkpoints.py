@@ -97,3 +97,80 @@ def test_remote_source_is_copied_once_per_node_under_concurrency(tiny_models, mo
 def test_unknown_builtin():
     with pytest.raises(CheckpointError, match="unknown built-in checkpoint tiny://huge"):
         checkpoints.validate("tiny://huge", "unclip")
+
+
+def counting_downloads(monkeypatch, memory) -> list[str]:
+    downloads = []
+    original = type(memory).get_file
+
+    def counting_get_file(self, *args, **kwargs):
+        downloads.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(memory), "get_file", counting_get_file)
+    return downloads
+
+
+def test_a_checkpoint_republished_at_the_same_url_is_fetched_again_and_an_unchanged_one_is_not(
+        tiny_models, monkeypatch, tmp_path):
+    import json
+    import uuid
+
+    from safetensors.torch import load_file, save
+
+    memory = fsspec.filesystem("memory")
+    root = f"/republished-{uuid.uuid4().hex[:8]}/clip"
+    memory.put(tiny_models["clip"], root, recursive=True)
+    url = f"memory://{root}"
+    monkeypatch.setenv("UNCLIP_RAY_CACHE", str(tmp_path / "cache"))
+    downloads = counting_downloads(monkeypatch, memory)
+
+    first = checkpoints.local_dir(url, "clip")
+    scale = checkpoints.load(first, "clip", "model").logit_scale.item()
+    copied = len(downloads)
+    assert copied > 0
+    assert checkpoints.local_dir(url, "clip") == first and len(downloads) == copied, "unchanged: no second copy"
+
+    weights = load_file(f"{tiny_models['clip']}/model.safetensors")
+    weights["logit_scale"] = torch.tensor(scale + 1.5)  # same size: only the storage's metadata tells it apart
+    memory.pipe(f"{root}/model.safetensors", save(weights))
+    second = checkpoints.local_dir(url, "clip")
+    assert second != first and len(downloads) > copied
+    assert checkpoints.load(second, "clip", "model").logit_scale.item() == pytest.approx(scale + 1.5)
+
+    config = json.loads(memory.cat_file(f"{root}/config.json"))
+    config["logit_scale_init_value"] = 3.0
+    memory.pipe(f"{root}/config.json", json.dumps(config).encode())
+    third = checkpoints.local_dir(url, "clip")
+    assert third not in (first, second)
+    assert checkpoints.load(third, "clip", "model").config.logit_scale_init_value == 3.0
+    again = len(downloads)
+    assert checkpoints.local_dir(url, "clip") == third and len(downloads) == again
+
+
+def test_a_local_checkpoint_is_used_in_place(tiny_models, monkeypatch, tmp_path):
+    monkeypatch.setenv("UNCLIP_RAY_CACHE", str(tmp_path / "cache"))
+    assert checkpoints.local_dir(tiny_models["clip"], "clip") == tiny_models["clip"]
+    assert checkpoints.local_dir(f"file://{tiny_models['clip']}", "clip") == tiny_models["clip"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_max_noise_level_is_read_from_the_checkpoint_wherever_it_is(tiny_models):
+    import json
+    import uuid
+
+    assert checkpoints.max_noise_level(tiny_models["upsampler_1024"]) == 350
+    assert checkpoints.max_noise_level("tiny://upsampler_1024") == 350
+    memory = fsspec.filesystem("memory")
+    root = f"/noise-{uuid.uuid4().hex[:8]}/x4"
+    memory.put(tiny_models["upsampler_1024"], root, recursive=True)
+    index = json.loads(memory.cat_file(f"{root}/model_index.json"))
+    memory.pipe(f"{root}/model_index.json", json.dumps({**index, "max_noise_level": 100}).encode())
+    assert checkpoints.max_noise_level(f"memory://{root}") == 100
+    checkpoints.check_noise_level(f"memory://{root}", 100)
+    with pytest.raises(CheckpointError, match=r"^stages.upsampler_1024.noise_level=101 is above the maximum 100 of "
+                                              r"checkpoint memory://.*/x4 .*set stages.upsampler_1024.noise_level "
+                                              r"to at most 100"):
+        checkpoints.check_noise_level(f"memory://{root}", 101)
+    memory.rm(f"{root}/model_index.json")
+    assert checkpoints.max_noise_level(f"memory://{root}") == checkpoints.DEFAULT_MAX_NOISE_LEVEL == 350

@@ -183,3 +183,88 @@ def test_planner_never_crashes_and_never_returns_an_unplaceable_layout():
             continue
         check_layout(plan, cluster, cost)
     assert refused < 200, "most random settings are placeable"
+
+
+def random_stage_settings(rng: random.Random) -> list[str]:
+    """Settings a user may write: every stage's GPU share, replicas, batch and CPUs; optional models; candidates."""
+    candidates = rng.choice([1, 2, 3, 4, 8])
+    sets = [f"rerank.candidates={candidates}", f"rerank.keep={rng.randint(1, candidates)}",
+            f"rerank.at={rng.choice(['decoder', 'upsampler_256'])}"]
+    if rng.random() < 0.3:
+        sets.append("models.upsampler_1024=null")
+    if rng.random() < 0.3:
+        sets.append("models.clip=null")
+    for name in STAGES:
+        sets.append(f"stages.{name}.num_gpus={rng.choice(['auto', 'auto', 0, 0.05, 0.1, 0.25, 0.3, 0.5, 1])}")
+        sets.append(f"stages.{name}.replicas={rng.choice(['auto', 'auto', 1, 2, 3, 4])}")
+        sets.append(f"stages.{name}.batch_size={rng.choice(['auto', 1, 2, 4, 16, 64])}")
+        if rng.random() < 0.2:
+            sets.append(f"stages.{name}.num_cpus={rng.choice([0.1, 0.5, 1, 2])}")
+    return sets
+
+
+def random_cluster(rng: random.Random) -> ClusterShape:
+    """A cluster as the driver sees it: its CPUs include every GPU node's, plus any CPU-only nodes."""
+    gpus = rng.randint(0, 16)
+    cpus_per_gpu = rng.choice([None, 1, 2, 4, 12]) if gpus else None
+    cpus = gpus * (cpus_per_gpu or 0) + rng.choice([1, 2, 4, 8, 16, 64]) if cpus_per_gpu else rng.choice([1, 2, 4, 8, 16, 64, 128])
+    return ClusterShape(cpus=cpus, gpus=gpus, cpus_per_gpu=cpus_per_gpu,
+                        gpu_memory_gb=rng.choice([None, None, 8, 16, 24, 80]))
+
+
+def check_cpus_fit(plan, cluster: ClusterShape) -> None:
+    """The GPU bundles' CPUs plus every CPU actor leave room in the cluster for one read or write task."""
+    from pipeline.plan import task_cpus
+
+    reserved = cluster.gpus * plan.bundle_cpus if plan.gpus else 0.0
+    cpu_actors = sum(p.num_cpus * p.replicas for p in plan.placements.values() if not p.bundles)
+    assert all(p.num_cpus > 0 for p in plan.placements.values())
+    assert reserved + cpu_actors + task_cpus(cluster.cpus) <= cluster.cpus + 1e-9, \
+        f"{reserved} CPUs in GPU bundles + {cpu_actors} for CPU actors leave no room for I/O on {cluster.cpus} CPUs"
+
+
+def test_any_settings_on_any_cluster_give_a_placeable_plan_or_a_one_line_config_error():
+    """Random user settings on random clusters: never a crash, never a plan Ray cannot place exactly."""
+    rng = random.Random(20261202)
+    planned = refused = 0
+    for trial in range(400):
+        sets = random_stage_settings(rng)
+        try:
+            cfg = config(*sets)
+        except ConfigError:
+            continue
+        cluster = random_cluster(rng)
+        cost = None if rng.random() < 0.3 else {
+            n: StageCost(seconds_per_image=rng.choice([0.0, 1e-4, 0.01, 0.3]), batch_overhead_s=rng.choice([0.0, 0.05]),
+                         weights_gb=rng.choice([0.0, 1.0, 6.0]), activation_gb_per_image=rng.choice([0.0, 0.2, 2.0]))
+            for n in STAGES}
+        try:
+            plan = plan_placements(cfg, stage_specs(cfg), cluster, cost, rows=rng.choice([1, 100, 10_000]))
+        except ConfigError as exc:
+            assert str(exc) and "\n" not in str(exc), (trial, sets, cluster)
+            refused += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - the property under test: nothing but ConfigError escapes
+            pytest.fail(f"trial {trial}: {type(exc).__name__}: {exc} for {sets} on {cluster}")
+        assert set(plan.placements) == {s.name for s in stage_specs(cfg)}
+        check_layout(plan, cluster, cost or {n: StageCost() for n in STAGES})
+        check_cpus_fit(plan, cluster)
+        assert plan.table()  # logged before the run starts
+        planned += 1
+    assert planned > 100 and refused > 10, (planned, refused)
+
+
+def test_a_cpu_stage_beside_gpu_stages_leaves_a_machine_room_for_reading_and_writing():
+    # The test session's machine: 4 CPUs, 2 GPUs; the GPU bundles take 3 CPUs, a whole CPU for the reranker
+    # would leave the read and write tasks none.
+    from pipeline.plan import task_cpus
+
+    cfg = config("stages.reranker.num_gpus=0", "rerank.candidates=2", "rerank.keep=1")
+    cluster = ClusterShape(cpus=4, gpus=2)
+    plan = plan_placements(cfg, stage_specs(cfg), cluster)
+    check_cpus_fit(plan, cluster)
+    assert 0 < plan.placements["reranker"].num_cpus <= 4 - 2 * plan.bundle_cpus - task_cpus(4)
+    with pytest.raises(ConfigError, match=r"stages on CPU \(reranker\) need at least 3 CPUs .* lower "
+                                          r"stages.<stage>.num_cpus or replicas"):
+        plan_placements(config("stages.reranker.num_gpus=0", "stages.reranker.num_cpus=1",
+                               "stages.reranker.replicas=3"), stage_specs(cfg), cluster)

@@ -12,6 +12,7 @@ import pytest
 from pipeline import seeds
 from pipeline.config import load_config
 from pipeline.reader import InputError, RowPreparer, derived_id, preflight, validate_prompt
+from pipeline.rowids import IdSet
 from tests.conftest import FAST_STEPS, model_overrides, write_prompts
 
 
@@ -78,7 +79,7 @@ def test_rows_get_ids_seeds_and_errors(tmp_path):
     assert out["status"].tolist() == ["ok", "ok", "error", "error"]
     assert out["error"][2] == "prompt is null" and "seed -4 is out of range" in out["error"][3]
     assert out["row_seed"].tolist() == [10, base, 3, -4] and out["row_seed_known"].all()
-    done = RowPreparer(cfg, info, done_ids={out["id"][0]})(table)
+    done = RowPreparer(cfg, info, done_ids=IdSet.of([out["id"][0]]))(table)
     assert out["id"][0] not in done["id"].tolist() and len(done["id"]) == 3
 
 
