@@ -14,7 +14,7 @@ import torch
 
 from pipeline import checkpoints, progress, seeds
 from pipeline.config import Config, compute_dtype
-from pipeline.writer import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX
+from pipeline.counters import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -373,7 +373,7 @@ def memory(args) -> dict:
 
 def rerank(args) -> dict:
     from benchmarks.local import prompt_batch, run_stages
-    from pipeline.writer import IMAGES_PREFIX, SECONDS_PREFIX
+    from pipeline.counters import IMAGES_PREFIX, SECONDS_PREFIX
 
     prompts = [f"a benchmark prompt number {i}" for i in range(args.rerank_prompts)]
     figures = {}

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from actors.base import StageContext
 from pipeline.config import Config, load_config
 from pipeline.costs import GIB, GPU_KINDS, STAGE_NAMES, CostProfile, GpuKind, StageCost, gpu_kind, save_profile
 
@@ -56,7 +57,6 @@ def calibrate(config: Config, batches: tuple[int, int] = DEFAULT_BATCHES, repeat
     """
     import torch
 
-    from actors.base import StageContext
     from benchmarks.local import prompt_batch
     from pipeline.plan import stage_specs
 

@@ -17,6 +17,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from pipeline.config import STAGE_NAMES
+
 # Shapes of the real checkpoints, built in code with seeded random weights (nothing is downloaded or saved).
 # Karlo (kakaobrain/karlo-v1-alpha): decoder and super-res follow diffusers'
 # scripts/convert_kakao_brain_unclip_to_diffusers.py; the prior uses PriorTransformer's defaults, which that
@@ -124,7 +126,8 @@ OURS_BUDGET_SHARE = 0.7  # our sweeps stop early enough to leave the baseline it
 PROMPT = "a high-resolution photograph of a big red frog on a green leaf, number {}"
 PIXEL_PROMPT = "an oil painting of a lighthouse at dusk, seen from the sea, variant {}"
 PIXEL_FIRST_SEED = 1234
-PIXEL_CHAIN = ("text_encoder", "prior", "decoder", "upsampler_256")
+PIXEL_CHAIN = STAGE_NAMES[: STAGE_NAMES.index("upsampler_256") + 1]
+"""The stages up to the 256 px image, in run order."""
 # The product's exactness tolerance against diffusers.
 PIXEL_MIN_PSNR_DB = 40.0
 PIXEL_MIN_WITHIN_2_LEVELS = 0.99
@@ -784,7 +787,7 @@ def cost_profile(results: dict) -> dict:
 
 def end_to_end(stages: dict) -> dict:
     """Bounds from per-stage rates: each stage at its best batch, and every stage at one common batch size."""
-    chain_256 = [s for s in ("text_encoder", "prior", "decoder", "upsampler_256") if s in stages]
+    chain_256 = [s for s in PIXEL_CHAIN if s in stages]
     out = {}
     for label, chain in (("256px", chain_256), ("1024px", chain_256 + ["upsampler_1024"])):
         if any(s not in stages for s in chain):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from actors.base import StageContext
 from pipeline.config import Config
 
 
@@ -18,7 +19,6 @@ def prompt_batch(prompts: list[str], seeds) -> dict[str, np.ndarray]:
 def run_stages(config: Config, batch: dict[str, np.ndarray], *, stop_after: str | None = None,
                use_gpu: bool = False, actors: dict | None = None) -> dict[str, np.ndarray]:
     """Each stage actor in order on one batch, in this process. `actors` caches them across calls."""
-    from actors.base import StageContext
     from pipeline.plan import stage_specs
 
     actors = {} if actors is None else actors

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from pipeline.writer import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX
+from pipeline.counters import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX
 
 IMAGE_SIDE = 4
 ERROR_EVERY = 1000

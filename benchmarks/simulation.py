@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from actors.base import StageContext
 from pipeline.progress import actor_location
-from pipeline.writer import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, merge_stage_counters
+from pipeline.counters import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, merge_stage_counters
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,6 @@ def run_ray_data_default(stages, plan, times: dict[str, BatchTime], rows: int, g
     """The same stages chained with Ray Data defaults: one whole-GPU actor per stage (Ray Data requires a
     batch size with GPUs: each stage's planned one), default blocks, no planning."""
     import ray.data
-
-    from actors.base import StageContext
 
     dataset = ray.data.range(rows)
     for stage in stages:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from pipeline import window
+from pipeline.gpus import GPU_KINDS
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_FORMATS = ("files", "webdataset")
@@ -319,8 +320,6 @@ class RunConfig:
                  f"run.gpus must be 'auto' or a number of GPUs >= 0, got {self.gpus!r}")
         _require(isinstance(self.gpu_wait_s, (int, float)) and self.gpu_wait_s >= 0,
                  f"run.gpu_wait_s must be a number of seconds >= 0, got {self.gpu_wait_s!r}")
-        from pipeline.costs import GPU_KINDS
-
         _require(self.gpu_kind == "auto" or self.gpu_kind in GPU_KINDS,
                  f"run.gpu_kind must be 'auto' or one of {', '.join(GPU_KINDS)}, got {self.gpu_kind!r}")
         _require(self.window is None or (isinstance(self.window, str) and self.window != ""),

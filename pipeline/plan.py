@@ -6,6 +6,7 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
+from actors.registry import STAGE_ACTORS
 from pipeline.config import Config, ConfigError
 from pipeline.costs import CUDA_CONTEXT_GB, StageCost
 
@@ -52,11 +53,7 @@ class StageSpec:
     options: dict = field(default_factory=dict)
 
     def actor_class(self):
-        from actors import decoder, prior, reranker, text_encoder, upsampler_256, upsampler_1024
-
-        return {"text_encoder": text_encoder.TextEncoderActor, "prior": prior.PriorActor,
-                "decoder": decoder.DecoderActor, "upsampler_256": upsampler_256.Upsampler256Actor,
-                "upsampler_1024": upsampler_1024.Upsampler1024Actor, "reranker": reranker.RerankerActor}[self.name]
+        return STAGE_ACTORS[self.name]
 
 
 def stage_specs(config: Config) -> list[StageSpec]:

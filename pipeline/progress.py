@@ -9,6 +9,8 @@ import time
 
 log = logging.getLogger(__name__)
 
+BUNDLE_ENV = "UNCLIP_RAY_GPU_BUNDLE"
+"""Set in each stage actor's environment by the GPU reservation: the placement-group bundle it is pinned to."""
 BATCH_SECONDS_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 
 
@@ -37,8 +39,6 @@ def actor_location() -> dict:
     import os
 
     import ray
-
-    from pipeline.reservation import BUNDLE_ENV
 
     bundle = os.environ.get(BUNDLE_ENV)
     return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],

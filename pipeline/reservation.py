@@ -6,9 +6,9 @@ import itertools
 import time
 from typing import Callable
 
+from pipeline.progress import BUNDLE_ENV
+
 WAIT_REPORT_S = 30.0
-BUNDLE_ENV = "UNCLIP_RAY_GPU_BUNDLE"
-"""Environment variable telling a pinned actor its bundle index (-1: any bundle with room)."""
 
 
 class ReservationTimeout(RuntimeError):

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
+from actors.base import StageContext
 from pipeline import checkpoints, cluster, costs, reader, storage
 from pipeline.config import Config, compute_dtype, redacted
 from pipeline.lease import LeaseError
@@ -20,8 +21,9 @@ from pipeline.plan import ClusterShape, Plan, Placement, StageSpec, bundle_cpus,
 from pipeline.reservation import GpuReservation, ReservationTimeout
 from pipeline.progress import ProgressPrinter
 from pipeline.report import REPORT_FILE, scan_metadata, write_report
-from pipeline.writer import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX, ShardWriter,
-                             merge_stage_counters)
+from pipeline.counters import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX,
+                               merge_stage_counters)
+from pipeline.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,6 @@ def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: d
     """One actor pool per stage, in order, each actor pinned to its planned GPU bundle (the simulation
     benchmark passes stand-in actors)."""
     import ray.data
-    from actors.base import StageContext
 
     block_rows = None
     for stage in stages:

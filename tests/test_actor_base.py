@@ -9,7 +9,7 @@ from actors.base import StageContext
 from actors.decoder import DecoderActor
 from benchmarks.local import prompt_batch
 from pipeline.config import load_config
-from pipeline.writer import OOM_PREFIX
+from pipeline.counters import OOM_PREFIX
 from tests.conftest import FAST_STEPS, model_overrides
 
 

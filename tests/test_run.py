@@ -139,3 +139,85 @@ def test_module_entrypoint_exits_nonzero_with_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"error: input.path {tmp_path / 'missing.parquet'} does not exist (expected a Parquet file, "
                      "a directory of Parquet files, or a glob)"]
+
+
+def test_a_noise_level_above_the_checkpoints_maximum_is_refused_before_any_work(tiny_models, tmp_path, capsys):
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.config import load_config
+    from pipeline.run import preflight
+
+    prompts = write_prompts(tmp_path / "p.parquet", ["a fox"])
+    output = tmp_path / "out"
+    sets = model_overrides(tiny_models) + ["stages.upsampler_1024.noise_level=351"]
+    with pytest.raises(CheckpointError):  # preflight itself refuses, before Ray starts or any model loads
+        preflight(load_config(None, sets, input_path=prompts, output_path=str(output)))
+    preflight(load_config(None, sets[:-1] + ["stages.upsampler_1024.noise_level=350"], input_path=prompts,
+                          output_path=str(output)))
+    code = main(cli(("--input", prompts), ("--output", str(output)), *[("--set", s) for s in sets]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"error: stages.upsampler_1024.noise_level=351 is above the maximum 350 of checkpoint "
+                   f"{tiny_models['upsampler_1024']} (max_noise_level in its model_index.json); set "
+                   "stages.upsampler_1024.noise_level to at most 350")
+    assert not output.exists(), "nothing is written before the run-level checks pass"
+
+
+def finishes_within(seconds: float, fn):
+    """fn's result (or its exception) if it returns within `seconds`; a test failure instead of a hang."""
+    import threading
+
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"the run did not finish within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def wait_for_idle_cluster(ray, seconds: float) -> dict:
+    """The cluster's free CPUs and GPUs once they are all free again, or as they are after `seconds`."""
+    import time
+
+    total = ray.cluster_resources()
+    deadline = time.monotonic() + seconds
+    while True:
+        free = {k: ray.available_resources().get(k, 0.0) for k in ("CPU", "GPU")}
+        if all(free[k] >= total.get(k, 0.0) - 1e-6 for k in free) or time.monotonic() > deadline:
+            return {k: (free[k], total.get(k, 0.0)) for k in free}
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_frees_the_cluster_for_the_next_run_in_the_same_process(tiny_models, ray_session, tmp_path):
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.run import RunFailed, generate
+
+    broken = tmp_path / "clip"
+    shutil.copytree(tiny_models["clip"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors at all")  # passes preflight, fails to load
+    prompts = write_prompts(tmp_path / "p.parquet", ["a red fox", "a blue bird"])
+    # A short GPU wait: GPUs a failed run still held make the next run fail instead of waiting 15 minutes.
+    sets = FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False) + ["run.gpu_wait_s=60"]
+
+    def run(extra: list[str], name: str):
+        return generate(load_config(None, sets + extra, input_path=prompts, output_path=str(tmp_path / name)))
+
+    # CPU actors only: no placement group whose removal would end them; only the run's own shutdown does.
+    with pytest.raises(RunFailed, match="stage reranker could not load its model"):
+        finishes_within(400, lambda: run([f"models.clip={broken}", "run.gpus=0"], "failed"))
+    free = wait_for_idle_cluster(ray_session, 30)
+    assert all(have >= total - 1e-6 for have, total in free.values()), f"still held after the failed run: {free}"
+    summary = finishes_within(400, lambda: run([], "good")).summary
+    assert summary["status"] == "complete" and summary["counts"]["ok"] == 2
