@@ -308,9 +308,12 @@ def memory(args) -> dict:
     keep = _config(*_memory_sets(args)).rerank.keep
     os.makedirs(args.memory_dir, exist_ok=True)
     runs = []
-    variants = [True] + ([False] if args.memory_no_ids else [])
-    for with_ids in variants:
-        tag = "ids" if with_ids else "derived-ids"
+    variants = [v.strip() for v in args.memory_variants.split(",") if v.strip()]
+    unknown = set(variants) - {"ids", "derived-ids"}
+    if unknown or not variants:
+        raise SystemExit(f"--memory-variants: ids and/or derived-ids, got {args.memory_variants!r}")
+    for tag in variants:
+        with_ids = tag == "ids"
         for rows in (small, large):
             input_dir = os.path.join(args.memory_dir, f"input-{rows}-{tag}")
             output_dir = os.path.join(args.memory_dir, f"output-{rows}-{tag}")
@@ -351,21 +354,19 @@ def memory(args) -> dict:
                         for p in phase_names]))
     _print_rows("peak driver RSS (MB) and seconds by phase of generate()", table)
 
-    def peak(rows, phase="full", tag="ids"):
-        return next(r["driver_rss_peak_mb"] for r in runs if (r["prompts"], r["phase"], r["ids"]) == (rows, phase, tag))
+    def peak(rows, tag):
+        return next(r["driver_rss_peak_mb"] for r in runs if (r["prompts"], r["phase"], r["ids"]) == (rows, "full", tag))
 
-    ratio = round(peak(large) / peak(small), 3)
+    ratios = {tag: round(peak(large, tag) / peak(small, tag), 3) for tag in variants}
     highest = max(r["driver_rss_peak_mb"] for r in runs)
-    print(f"\npeak({large}) / peak({small}) = {ratio} (goal <= {GOAL_GROWTH}); highest peak {highest} MB "
-          f"(goal < {GOAL_PEAK_MB:g} MB): {'met' if ratio <= GOAL_GROWTH and highest < GOAL_PEAK_MB else 'NOT met'}")
-    figures = {"mode": "memory", "settings": _memory_sets(args), "cpus_for_ray": args.memory_cpus, "runs": runs,
-               "peak_ratio_large_over_small": ratio, "highest_peak_mb": highest,
-               "goal": {"peak_mb_below": GOAL_PEAK_MB, "growth_at_most": GOAL_GROWTH,
-                        "met": ratio <= GOAL_GROWTH and highest < GOAL_PEAK_MB}}
-    if args.memory_no_ids:
-        figures["peak_ratio_large_over_small_derived_ids"] = round(
-            peak(large, tag="derived-ids") / peak(small, tag="derived-ids"), 3)
-    return figures
+    met = max(ratios.values()) <= GOAL_GROWTH and highest < GOAL_PEAK_MB
+    print()
+    for tag, ratio in ratios.items():
+        print(f"{tag}: peak({large}) / peak({small}) = {ratio} (goal <= {GOAL_GROWTH})")
+    print(f"highest peak {highest} MB (goal < {GOAL_PEAK_MB:g} MB); goals {'met' if met else 'NOT met'}")
+    return {"mode": "memory", "settings": _memory_sets(args), "cpus_for_ray": args.memory_cpus, "runs": runs,
+            "peak_ratio_large_over_small": ratios[variants[0]], "peak_ratios": ratios, "highest_peak_mb": highest,
+            "goal": {"peak_mb_below": GOAL_PEAK_MB, "growth_at_most": GOAL_GROWTH, "met": met}}
 
 
 # ---------------------------------------------------------------- --rerank
@@ -538,8 +539,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="--memory: logical CPUs of the local Ray each measured driver starts")
     parser.add_argument("--memory-dir", default="/tmp/membench", help="--memory: inputs and outputs (deleted after)")
     parser.add_argument("--memory-keep", action="store_true", help="--memory: keep --memory-dir")
-    parser.add_argument("--memory-no-ids", action="store_true",
-                        help="--memory: also full runs of an input without an id column (derived ids)")
+    parser.add_argument("--memory-variants", default="ids",
+                        help="--memory: inputs to measure, comma-separated: ids (an id column of unique strings; "
+                             "the resume runs on this one) and/or derived-ids (no id column)")
     parser.add_argument("--memory-tracemalloc", action="store_true",
                         help="--memory: also record the Python heap peak of each phase (slower)")
     parser.add_argument("--candidates", type=int, default=4)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ import numpy as np
 from pipeline.counters import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX
 
 IMAGE_SIDE = 4
+SETTLE_S = 5.0
 ERROR_EVERY = 1000
 """Row i of the generated input has a whitespace-only prompt when i % ERROR_EVERY == ERROR_EVERY - 1, so the
 error path (error rows, the report's reasons) runs too."""
@@ -172,6 +174,28 @@ def write_prompts(directory: str, rows: int, with_ids: bool, file_rows: int = 1_
 # ---------------------------------------------------------------- RSS by phase
 
 
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+"""RSS and its parts (Linux): private memory, mapped files (libraries), shared memory (Ray's object store)."""
+
+
+def rss_parts(process=None) -> dict[str, int]:
+    """This process's RSS in bytes, and on Linux its anonymous, file and shared-memory parts."""
+    try:
+        parts = {}
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in FIELDS:
+                    parts[key] = int(value.split()[0]) * 1024
+        if len(parts) == len(FIELDS):
+            return parts
+    except OSError:
+        pass
+    import psutil
+
+    return {"VmRSS": (process or psutil.Process()).memory_info().rss}
+
+
 class PhaseSampler:
     """Samples this process's RSS every `interval_s` in a thread; each sample counts for the phase current
     when it was taken (and for the whole run). With `traced`, also the tracemalloc peak of each phase."""
@@ -184,18 +208,24 @@ class PhaseSampler:
         self.traced = traced
         self.phase = "start"
         self.phases: dict[str, dict] = {}
-        self.before = self.peak = self.process.memory_info().rss
+        self.before = self.peak = rss_parts(self.process)
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="rss-sampler")
 
-    def _sample(self) -> None:
-        rss = self.process.memory_info().rss
+    @staticmethod
+    def _max(peak: dict, parts: dict) -> dict:
+        """Peaks of each part (taken separately: they need not peak together)."""
+        return {k: max(v, peak.get(k, 0)) for k, v in parts.items()}
+
+    def _sample(self) -> dict:
+        parts = rss_parts(self.process)
         with self._lock:
-            self.peak = max(self.peak, rss)
+            self.peak = self._max(self.peak, parts)
             entry = self.phases.get(self.phase)
             if entry is not None:
-                entry["peak"] = max(entry["peak"], rss)
+                entry["peak"] = self._max(entry["peak"], parts)
+        return parts
 
     def _loop(self) -> None:
         while not self._done.wait(self.interval_s):
@@ -205,9 +235,8 @@ class PhaseSampler:
         """From now on samples count for `phase` (a phase entered again keeps its first start and adds time)."""
         import tracemalloc
 
-        self._sample()
+        parts = self._sample()
         now = time.time()
-        rss = self.process.memory_info().rss
         with self._lock:
             current = self.phases.get(self.phase)
             if current is not None:
@@ -216,7 +245,7 @@ class PhaseSampler:
                     current["traced_peak"] = max(current.get("traced_peak", 0), tracemalloc.get_traced_memory()[1])
             if self.traced:
                 tracemalloc.reset_peak()
-            entry = self.phases.setdefault(phase, {"rss_start": rss, "peak": rss, "seconds": 0.0})
+            entry = self.phases.setdefault(phase, {"start": parts, "peak": dict(parts), "seconds": 0.0})
             entry["_since"] = now
             self.phase = phase
 
@@ -225,7 +254,7 @@ class PhaseSampler:
 
         if self.traced:
             tracemalloc.start()
-        self.before = self.peak = self.process.memory_info().rss
+        self.before = self.peak = rss_parts(self.process)
         self._thread.start()
 
     def stop(self) -> None:
@@ -235,14 +264,20 @@ class PhaseSampler:
         self.phases.pop("end", None)
 
     def figures(self) -> dict:
-        mb = 2**20
+        def mb(value: int) -> float:
+            return round(value / 2**20, 1)
+
+        names = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
         phases = {}
         for name, entry in self.phases.items():
-            phases[name] = {"rss_start_mb": round(entry["rss_start"] / mb, 1), "peak_mb": round(entry["peak"] / mb, 1),
-                            "seconds": round(entry["seconds"], 1)}
+            phases[name] = {"rss_start_mb": mb(entry["start"]["VmRSS"]), "peak_mb": mb(entry["peak"]["VmRSS"]),
+                            "seconds": round(entry["seconds"], 1),
+                            **{f"peak_{names[k]}_mb": mb(v) for k, v in entry["peak"].items() if k in names}}
             if "traced_peak" in entry:
-                phases[name]["python_heap_peak_mb"] = round(entry["traced_peak"] / mb, 1)
-        return {"driver_rss_before_mb": round(self.before / mb, 1), "driver_rss_peak_mb": round(self.peak / mb, 1),
+                phases[name]["python_heap_peak_mb"] = mb(entry["traced_peak"])
+        return {"driver_rss_before_mb": mb(self.before["VmRSS"]), "driver_rss_peak_mb": mb(self.peak["VmRSS"]),
+                **{f"before_{names[k]}_mb": mb(v) for k, v in self.before.items() if k in names},
+                **{f"peak_{names[k]}_mb": mb(v) for k, v in self.peak.items() if k in names},
                 "phases": phases}
 
 
@@ -297,6 +332,11 @@ def run_child(spec: dict) -> dict:
     ray.init(num_cpus=spec["cpus"], num_gpus=0, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     try:
+        import pipeline.report  # noqa: F401 - what generate imports on its way is not the data path
+        import ray.data  # noqa: F401
+
+        time.sleep(SETTLE_S)  # Ray's driver threads start their own buffers just after init
+        gc.collect()
         sampler = PhaseSampler(traced=spec.get("traced", False))
         started = time.time()
         with stand_in_stages(), phases_of_generate(sampler):

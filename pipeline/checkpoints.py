@@ -304,13 +304,15 @@ def max_noise_level(url: str, storage_options: dict | None = None) -> int:
     except FileNotFoundError:
         return DEFAULT_MAX_NOISE_LEVEL
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {url}: model_index.json cannot be read: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"checkpoint {url}: model_index.json cannot be read: "
+                              f"{type(exc).__name__}: {exc}") from None
     try:
         value = json.loads(raw).get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
     except (ValueError, AttributeError):
         raise CheckpointError(f"checkpoint {url}: model_index.json is not a valid JSON object") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise CheckpointError(f"checkpoint {url}: max_noise_level in model_index.json must be an integer, got {value!r}")
+        raise CheckpointError(f"checkpoint {url}: max_noise_level in model_index.json must be an integer, "
+                              f"got {value!r}")
     return value
 
 

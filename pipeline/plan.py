@@ -186,7 +186,7 @@ def plan_placements(config: Config, stages: list[StageSpec], cluster: ClusterSha
     return _Planner(stages, settings, costs, cluster, rows).plan()
 
 
-def cpu_actor_cpus(names: list[str], settings, replicas: dict[str, int], room: float,
+def _cpu_actor_cpus(names: list[str], settings, replicas: dict[str, int], room: float,
                    preferred: float) -> dict[str, float]:
     """CPUs per actor of the stages that compute on CPU: the stage's num_cpus when set, else an equal share of
     what `room` leaves, at most `preferred`; a ConfigError when they cannot all fit in `room`."""
@@ -198,9 +198,10 @@ def cpu_actor_cpus(names: list[str], settings, replicas: dict[str, int], room: f
     share = math.floor(min(preferred, left / count) * 100) / 100 if count else preferred
     if left < -1e-9 or share < MIN_CPU_SHARE:
         asked = sum(fixed[n] * replicas[n] for n in fixed) + MIN_CPU_SHARE * count
-        raise ConfigError(f"the stages on CPU ({', '.join(names)}) need at least {asked:g} CPUs (num_cpus x replicas) "
-                          f"but the cluster leaves them {max(0.0, room):g} (after the GPUs' reserved CPUs and the read/write "
-                          "tasks); lower stages.<stage>.num_cpus or replicas, or use a cluster with more CPUs")
+        raise ConfigError(f"the stages on CPU ({', '.join(names)}) need at least {asked:g} CPUs (num_cpus x "
+                          f"replicas) but the cluster leaves them {max(0.0, room):g} (after the GPUs' reserved CPUs "
+                          "and the read/write tasks); lower stages.<stage>.num_cpus or replicas, or use a cluster "
+                          "with more CPUs")
     return {n: fixed.get(n, share) for n in names}
 
 
@@ -211,7 +212,7 @@ def _plan_cpu(stages, settings, costs, cluster: ClusterShape) -> Plan:
     # or a small machine deadlocks with every CPU held by an idle actor; never less than one task's CPUs.
     preferred = min(1.0, max(0.05, (cluster.cpus - TASK_CPUS_RESERVED) / actors))
     names = [s.name for s in stages]
-    cpus = cpu_actor_cpus(names, settings, replicas, cluster.cpus - task_cpus(cluster.cpus), preferred)
+    cpus = _cpu_actor_cpus(names, settings, replicas, cluster.cpus - task_cpus(cluster.cpus), preferred)
     threads = max(1, int(cluster.cpus // max(1, actors)))
     placements, row_costs = {}, {}
     for s in stages:
@@ -406,7 +407,7 @@ class _Planner:
         # An autoscaler's GPU nodes bring their CPUs with them; the cluster's CPUs now may not count them yet.
         cpus = max(self.cluster.cpus, self.cluster.gpus * (self.cluster.cpus_per_gpu or 0.0))
         room = cpus - self.cluster.gpus * self.bundle_cpus - task_cpus(cpus)
-        return cpu_actor_cpus(cpu_stages, self.settings, replicas, room, 1.0)
+        return _cpu_actor_cpus(cpu_stages, self.settings, replicas, room, 1.0)
 
     def _assemble(self, groups, slots, batches, cpu_stages, pinned, auto) -> Plan:
         placements, row_costs = {}, {}

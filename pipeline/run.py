@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -255,6 +256,23 @@ def generate(config: Config, *, progress=None) -> RunResult:
         output.release()
 
 
+EXECUTION_STOP_WAIT_S = 30.0
+"""How long a run waits for Ray Data's scheduling thread to stop once the stream has ended."""
+
+
+def _end_streaming(dataset, stream) -> None:
+    """Shut the dataset's streaming execution down and wait until its scheduling thread has stopped.
+
+    Closing the batch iterator makes Ray Data shut its executor down, which lets go of every stage's actor
+    pool. Ray Data joins its scheduling thread only briefly there, and a step still running can start
+    replacement actors into pools already shut down, so the thread is waited for here.
+    """
+    stream.close()
+    executor = getattr(dataset, "_current_executor", None)  # where Ray Data keeps the running executor
+    if isinstance(executor, threading.Thread) and executor.is_alive():
+        executor.join(EXECUTION_STOP_WAIT_S)
+
+
 def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, attempt: str, stages: list[StageSpec],
              plan: Plan, shape: ClusterShape, reservation: GpuReservation | None, todo: int, started: float, progress) -> RunResult:
     """Stream the dataset to the end, check every row landed once, and write the report and the summary."""
@@ -268,8 +286,9 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
     new_rows = new_images = 0
     stage_work: dict[str, float] = {}
     load_failure = None
+    stream = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in stream:
             new_rows += int(batch["rows"].sum())
             new_images += int(batch["images"].sum())
             printer.written = new_rows
@@ -279,17 +298,22 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
             if progress is not None:
                 progress(new_rows, todo)
     except Exception as exc:
+        if output.lost_lease() and not isinstance(exc, LeaseError):
+            # The writers' refusals to commit (FencedOut) are the consequence; the lost lease is the cause.
+            raise LeaseError(output.lost_lease()) from None
         load_failure = _stage_load_error(exc)
         if load_failure is None:
             raise
     finally:
+        _end_streaming(dataset, stream)
+        # Ray Data's executor and its pools reference each other, so the actors it let go of live on until a
+        # garbage collection; collect now, with this frame's references gone (a failed run's traceback keeps
+        # the frame), so they end with the run and a next run in this process gets their CPUs and GPUs.
+        dataset = stream = None
+        gc.collect()
         actors = printer.placement()
         printer.close()
     if load_failure is not None:
-        # Raised outside the handler with the dataset dropped, so fewer references keep the failed execution's
-        # actor pools alive; Ray Data may still hold them until this process exits (see the load-failure test).
-        del dataset
-        gc.collect()
         raise RunFailed(f"{load_failure.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)")
 
     output.committed_parts(remove_others=True)  # a dead attempt's late commits are generated again: drop them
@@ -306,6 +330,7 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
     summary = {
         "status": "complete",
         "output": config.output.path,
+        "attempt": attempt,
         "counts": {
             "input_rows": info.rows,
             "ok": scan.ok,

@@ -207,7 +207,8 @@ def random_cluster(rng: random.Random) -> ClusterShape:
     """A cluster as the driver sees it: its CPUs include every GPU node's, plus any CPU-only nodes."""
     gpus = rng.randint(0, 16)
     cpus_per_gpu = rng.choice([None, 1, 2, 4, 12]) if gpus else None
-    cpus = gpus * (cpus_per_gpu or 0) + rng.choice([1, 2, 4, 8, 16, 64]) if cpus_per_gpu else rng.choice([1, 2, 4, 8, 16, 64, 128])
+    extra = rng.choice([1, 2, 4, 8, 16, 64, 128])
+    cpus = gpus * cpus_per_gpu + extra if cpus_per_gpu else extra
     return ClusterShape(cpus=cpus, gpus=gpus, cpus_per_gpu=cpus_per_gpu,
                         gpu_memory_gb=rng.choice([None, None, 8, 16, 24, 80]))
 
