@@ -242,8 +242,8 @@ def test_a_model_that_fails_to_load_stops_the_run_with_one_line(tiny_models, ray
     (broken / "decoder" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors at all")
     prompts, _ = prompts_file(tmp_path, 2)
     sets = [arg for s in fault_sets(tiny_models, f"models.unclip={broken}") for arg in ("--set", s)]
-    # The job as a user runs it, joined to the session's cluster. Its own process: the pools of a run that
-    # failed this way stay referenced inside Ray Data until the driver exits (noted in the issue).
+    # The job as a user runs it, joined to the session's cluster (test_run checks that a failed run in one
+    # process frees its pools for the next).
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
     started = time.time()
     done = subprocess.run([sys.executable, "-m", "jobs.generate", "--input", prompts, "--output",
