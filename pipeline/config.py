@@ -82,7 +82,7 @@ def _diffusion_checks(stage: "StageConfig", name: str, has_guidance: bool) -> No
              f"stages.{name}.steps must be an integer >= 1, got {stage.steps!r}")
     if has_guidance:
         _require(isinstance(stage.guidance_scale, (int, float)) and stage.guidance_scale >= 0,
-                 f"stages.{name}.guidance_scale must be a number >= 0 (<= 1 turns guidance off), "
+                 f"stages.{name}.guidance_scale must be a number >= 0, "
                  f"got {stage.guidance_scale!r}")
 
 
@@ -102,7 +102,8 @@ class PriorStageConfig(StageConfig):
     steps: int = 25
     """Sampling steps (Karlo default 25)."""
     guidance_scale: float = 4.0
-    """Classifier-free guidance scale; <= 1 disables guidance."""
+    """Classifier-free guidance scale. As in UnCLIPPipeline, the prior and the decoder guide (each with its own
+    scale) when either scale is > 1, and neither does when both are <= 1."""
     auto_batch = 32
 
     def __post_init__(self) -> None:
@@ -118,7 +119,7 @@ class DecoderStageConfig(StageConfig):
     steps: int = 25
     """Sampling steps (Karlo default 25)."""
     guidance_scale: float = 8.0
-    """Classifier-free guidance scale; <= 1 disables guidance."""
+    """Classifier-free guidance scale; guidance is on for prior and decoder when either scale is > 1."""
     auto_batch = 8
 
     def __post_init__(self) -> None:
