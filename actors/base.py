@@ -49,8 +49,6 @@ class StageContext:
     """Share of its GPU's memory this actor may allocate (the plan's figure); None: no cap."""
 
 
-
-
 def to_uint8_hwc(images01: torch.Tensor) -> np.ndarray:
     """[0,1] NCHW -> uint8 NHWC, rounding exactly as diffusers' numpy_to_pil does."""
     array = images01.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
