@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -46,7 +47,10 @@ def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_sessio
     last_part = max(os.path.getmtime(p) for p in (output / "metadata").iterdir())
     assert os.path.getmtime(summary_path) >= last_part
     assert summary["counts"]["ok"] == 3 and summary["counts"]["images"] == 3
-    assert summary["versions"]["diffusers"] and summary["wall_time_s"] > 0 and summary["images_per_s"] > 0
+    # The recorded versions are the installed ones ("not installed" would be truthy, so compare exactly).
+    assert summary["versions"]["diffusers"] == importlib.metadata.version("diffusers")
+    assert summary["versions"]["torch"] == importlib.metadata.version("torch")
+    assert summary["wall_time_s"] > 0 and summary["images_per_s"] > 0
     assert [s["name"] for s in summary["stages"]][:3] == ["text_encoder", "prior", "decoder"]
     # Every stage actor ran on the GPU bundle the plan gave it (the session Ray has 2 fake GPUs).
     assert summary["plan"]["layout"] == "co-located" and summary["plan"]["gpus"] == 2
