@@ -79,7 +79,7 @@ def test_window_names_the_run_and_a_finished_window_is_a_no_op(tiny_models, ray_
     (tmp_path / "in" / "2026-11-24").mkdir(parents=True)
     write_prompts(tmp_path / "in" / "2026-11-24" / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
     sets = [("--set", s) for s in FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
-            + ["output.shard_size=1"]]
+            + ONE_GPU + ["output.shard_size=1"]]
     args = cli(("--input", str(tmp_path / "in" / "{window}")), ("--output", str(tmp_path / "out" / "{window}")),
                ("--window", "2026-11-24"), *sets)
     assert main(args) == 0
