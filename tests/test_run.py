@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from jobs.generate import main
-from tests.conftest import FAST_STEPS, model_overrides, write_prompts
+from tests.conftest import FAST_STEPS, ONE_GPU, SHARED_SECRET, model_overrides, write_prompts
 
 METADATA_COLUMNS = {"id", "prompt", "seed", "candidate", "rank", "clip_score", "candidate_scores", "image_key",
                 "width", "height", "status", "error", "truncated"}
@@ -23,13 +23,11 @@ def cli(*args) -> list[str]:
     return [arg for pair in args for arg in pair]
 
 
-def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_session, tmp_path, capsys):
-    prompts = write_prompts(tmp_path / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
-    output = tmp_path / "out"
-    sets = [("--set", s) for s in FAST_STEPS + model_overrides(tiny_models) + ["storage_options.secret=hunter2"]]
-    code = main(cli(("--input", prompts), ("--output", str(output)), *sets))
-    assert code == 0
-    printed = capsys.readouterr().out
+def test_cli_run_writes_images_metadata_and_summary_last(shared_run):
+    # The session's shared run: `python -m jobs.generate` with every stage on the session's 2 fake GPUs.
+    output = shared_run.output
+    assert shared_run.code == 0, shared_run.stderr[-3000:]
+    printed = shared_run.stdout
     assert "3 ok, 0 error" in printed and str(output) in printed
 
     table = pq.read_table(output / "metadata")
@@ -64,7 +62,7 @@ def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_sessio
     assert all(len(ids) == 1 and len(next(iter(ids))) == 1 for ids in gpu_of_bundle.values()), gpu_of_bundle
     assert len({next(iter(ids)) for ids in gpu_of_bundle.values()}) == 2, "the two bundles are two GPUs"
     everything = "".join(p.read_text(errors="ignore") for p in output.rglob("*.json"))
-    assert "hunter2" not in everything
+    assert SHARED_SECRET not in everything
 
     report = json.loads((output / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == [s["name"] for s in summary["stages"]]
