@@ -342,9 +342,9 @@ def memory(args) -> dict:
     if not args.memory_keep:
         shutil.rmtree(args.memory_dir, ignore_errors=True)
 
-    table = [("prompts", "ids", "phase", "driver RSS before MB", "peak MB", "seconds")]
-    table += [(r["prompts"], r["ids"], r["phase"], r["driver_rss_before_mb"], r["driver_rss_peak_mb"], r["seconds"])
-              for r in runs]
+    table = [("prompts", "ids", "phase", "driver RSS before MB", "peak MB", "peak anon MB", "peak shmem MB", "seconds")]
+    table += [(r["prompts"], r["ids"], r["phase"], r["driver_rss_before_mb"], r["driver_rss_peak_mb"],
+               r.get("peak_anon_mb", "-"), r.get("peak_shmem_mb", "-"), r["seconds"]) for r in runs]
     _print_rows("--memory: driver RSS of generate() on the real data path (stand-in stage bodies)", table)
     phase_names = ["preflight", "setup", "prepare", "streaming", "accounting", "report", "summary"]
     table = [("prompts", "ids", "phase", *[f"{p} peak MB / s" for p in phase_names])]

@@ -200,11 +200,16 @@ class PhaseSampler:
     """Samples this process's RSS every `interval_s` in a thread; each sample counts for the phase current
     when it was taken (and for the whole run). With `traced`, also the tracemalloc peak of each phase."""
 
-    def __init__(self, interval_s: float = 0.05, traced: bool = False):
+    def __init__(self, interval_s: float = 0.05, traced: bool = False, timeline_s: float = 10.0):
         import psutil
 
         self.process = psutil.Process()
         self.interval_s = interval_s
+        self.timeline_s = timeline_s
+        self.timeline: list[list] = []
+        """Every timeline_s: [seconds, rows written so far, RSS MB, anon MB, shmem MB]."""
+        self.rows_written = 0
+        self._started = time.time()
         self.traced = traced
         self.phase = "start"
         self.phases: dict[str, dict] = {}
@@ -228,8 +233,18 @@ class PhaseSampler:
         return parts
 
     def _loop(self) -> None:
+        next_point = 0.0
         while not self._done.wait(self.interval_s):
-            self._sample()
+            parts = self._sample()
+            elapsed = time.time() - self._started
+            if elapsed >= next_point:
+                next_point = elapsed + self.timeline_s
+                self.timeline.append([round(elapsed, 1), self.rows_written, *(round(parts.get(k, 0) / 2**20, 1)
+                                      for k in ("VmRSS", "RssAnon", "RssShmem"))])
+
+    def progress(self, rows_written: int, todo: int) -> None:
+        """generate's progress callback: rows written so far, for the timeline."""
+        self.rows_written = rows_written
 
     def enter(self, phase: str) -> None:
         """From now on samples count for `phase` (a phase entered again keeps its first start and adds time)."""
@@ -255,6 +270,7 @@ class PhaseSampler:
         if self.traced:
             tracemalloc.start()
         self.before = self.peak = rss_parts(self.process)
+        self._started = time.time()
         self._thread.start()
 
     def stop(self) -> None:
@@ -278,7 +294,7 @@ class PhaseSampler:
         return {"driver_rss_before_mb": mb(self.before["VmRSS"]), "driver_rss_peak_mb": mb(self.peak["VmRSS"]),
                 **{f"before_{names[k]}_mb": mb(v) for k, v in self.before.items() if k in names},
                 **{f"peak_{names[k]}_mb": mb(v) for k, v in self.peak.items() if k in names},
-                "phases": phases}
+                "phases": phases, "timeline": self.timeline}
 
 
 @contextlib.contextmanager
@@ -342,7 +358,7 @@ def run_child(spec: dict) -> dict:
         with stand_in_stages(), phases_of_generate(sampler):
             sampler.start()
             try:
-                result = run.generate(config)
+                result = run.generate(config, progress=sampler.progress)
             finally:
                 sampler.stop()
         seconds = time.time() - started

@@ -1,8 +1,24 @@
-"""Session fixtures: a private model cache with the tiny checkpoints on disk, one Ray with fake GPUs, helpers."""
+"""Session fixtures: a private model cache with the tiny checkpoints on disk, one Ray with fake GPUs, one shared
+run, helpers.
+
+Keeping `make test` fast on a 2-core machine (most of a Ray run's time is starting actor processes that import
+torch, not the tiny models' compute):
+
+- Join the session Ray (`ray_session`) rather than starting one; a subprocess driver joins it with
+  ``RAY_ADDRESS=ray_session.get_runtime_context().gcs_address`` (it has no token auth).
+- A test that only reads what a normal run wrote reads `shared_run` instead of running its own.
+- A Ray run that is not about placement over several GPUs adds `ONE_GPU` (one actor per stage).
+- Leave out stages a test does not need: ``model_overrides(models, upsampler_1024=False, clip=False)``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +28,16 @@ import pytest
 # Fewer steps than the defaults keep CPU tests fast; guidance stays on so it is exercised.
 FAST_STEPS = ["stages.prior.steps=4", "stages.decoder.steps=4", "stages.upsampler_256.steps=3",
               "stages.upsampler_1024.steps=3"]
+
+ONE_GPU = ["run.gpus=1"]
+"""For Ray runs on the session cluster whose test is not about placement over several GPUs.
+
+The session Ray has 2 fake GPUs, so a co-located plan starts one actor per stage on each: 2 x stages actor
+processes, each importing torch and diffusers and loading its model. On a 2-core machine that start-up, not
+the tiny models' compute, is most of a run's time. With one GPU planned every stage gets one actor, and the
+run still goes through the whole path (reservation, pinned bundle, streaming pools, writer). Tests about
+placement or replicas (test_run's CLI run, the exactness 'large' run) keep both GPUs.
+"""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,6 +76,57 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+SHARED_PROMPTS = ["a red fox", "a blue bird", "a green frog"]
+SHARED_SECRET = "hunter2"
+SHARED_SETS = FAST_STEPS + [
+    # Passes of several images, and blocks the two replicas of each stage split between them.
+    "stages.prior.batch_size=4", "stages.decoder.batch_size=3", "stages.upsampler_256.batch_size=2",
+    "stages.upsampler_1024.batch_size=2", "output.shard_size=2", f"storage_options.secret={SHARED_SECRET}"]
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """What `shared_run` ran and what it printed; its outputs are under `output`."""
+
+    prompts: str
+    """The input Parquet file (a `prompt` column only: row ids are derived from the file name, `p-...`)."""
+    output: Path
+    sets: list[str]
+    """The --set overrides it ran with (model paths included)."""
+    code: int
+    """`jobs.generate.main`'s exit status."""
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.output / "_SUCCESS.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_run(tiny_models, ray_session, tmp_path_factory) -> SharedRun:
+    """One complete run through the CLI entry point (`jobs.generate.main`) on the session Ray, made once and
+    shared by every test that only reads its outputs. Treat them as read-only: copy the folder first to change it.
+
+    Every stage (text encoder, prior, decoder, upsampler_256, upsampler_1024 to 256 px, CLIP scoring) on the
+    session's 2 fake GPUs with the planner's co-located layout (an actor of each stage on each GPU), over the
+    3 `SHARED_PROMPTS` with `SHARED_SETS`: a `storage_options.secret` that must never be written, passes of
+    several images, and shards of 2 rows (two metadata parts). Users: test_run (outputs, metadata, summary,
+    placement, report), test_exactness (images equal diffusers' whatever the batching and replicas).
+    """
+    from jobs.generate import main
+
+    folder = tmp_path_factory.mktemp("shared-run")
+    prompts = write_prompts(folder / "p.parquet", SHARED_PROMPTS)
+    output = folder / "out"
+    sets = SHARED_SETS + model_overrides(tiny_models)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["--input", prompts, "--output", str(output), *[a for s in sets for a in ("--set", s)]])
+    return SharedRun(prompts=prompts, output=output, sets=sets, code=code, stdout=stdout.getvalue(),
+                     stderr=stderr.getvalue())
 
 
 def write_prompts(path, prompts, **columns) -> str:

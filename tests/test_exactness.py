@@ -9,7 +9,8 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import load_config
-from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
+from tests.conftest import (FAST_STEPS, ONE_GPU, SHARED_PROMPTS, model_overrides, psnr, run_in_process,
+                            within_tolerance)
 from benchmarks.reference import Reference
 
 PROMPTS = ["a red fox in a snowy forest", "an astronaut riding a horse on the moon", "a bowl of ramen",
@@ -98,23 +99,24 @@ def read_outputs(output: str, by: str = "id") -> dict[str, tuple[str, int, np.nd
     return images
 
 
-def test_ray_runs_equal_reference_whatever_the_batching_and_replicas(tiny_models, reference, ray_session, tmp_path):
+def test_ray_runs_equal_reference_whatever_the_batching_and_replicas(tiny_models, reference, shared_run, tmp_path):
     from pipeline.run import generate
 
-    few = PROMPTS[:3]  # 1024px on CPU is the slow part: three prompts still split into several batches
-    prompts = write_prompts(tmp_path / "prompts.parquet", few, id=[f"p{i}" for i in range(len(few))])
-    base = FAST_STEPS + model_overrides(tiny_models)
-    small = ["stages.text_encoder.batch_size=1", "stages.prior.batch_size=1", "stages.decoder.batch_size=1",
-             "stages.upsampler_256.batch_size=1", "stages.upsampler_1024.batch_size=1"]
-    large = ["stages.prior.batch_size=4", "stages.decoder.batch_size=3", "stages.decoder.replicas=2",
-             "stages.upsampler_256.batch_size=2", "stages.upsampler_256.replicas=2",
-             "stages.upsampler_1024.batch_size=2", "output.shard_size=2"]
-    runs = {}
-    for name, extra in (("small", small), ("large", large)):
-        output = str(tmp_path / name)
-        generate(load_config(None, base + extra, input_path=prompts, output_path=output))
-        runs[name] = read_outputs(output)
-    assert set(runs["small"]) == set(runs["large"]) == {f"p{i}" for i in range(len(few))}
+    # 1024px on CPU is the slow part: three prompts still split into several batches.
+    # 'large' is the session's shared run: passes of 2 to 4 images, blocks of 2 rows split between two replicas
+    # of every stage (co-located on the session's two GPUs), shards of 2 rows, CLIP scoring (one candidate per
+    # prompt: it only scores, so it cannot change an image). 'small' runs here on the same input: one image per
+    # pass and one actor per stage (one GPU), no CLIP stage.
+    assert shared_run.code == 0, shared_run.stderr[-3000:]
+    small = ONE_GPU + ["stages.text_encoder.batch_size=1", "stages.prior.batch_size=1", "stages.decoder.batch_size=1",
+                       "stages.upsampler_256.batch_size=1", "stages.upsampler_1024.batch_size=1"]
+    output = str(tmp_path / "small")
+    generate(load_config(None, FAST_STEPS + model_overrides(tiny_models, clip=False) + small,
+                         input_path=shared_run.prompts, output_path=output))
+    runs = {"small": read_outputs(output), "large": read_outputs(str(shared_run.output))}
+    large_placement = {s["name"]: s["replicas"] for s in shared_run.summary["stages"]}
+    assert large_placement["decoder"] == large_placement["upsampler_256"] == 2, large_placement
+    assert set(runs["small"]) == set(runs["large"]) and len(runs["small"]) == len(SHARED_PROMPTS)
     for row_id, (prompt, seed, image) in runs["small"].items():
         other = runs["large"][row_id][2]
         assert runs["large"][row_id][1] == seed

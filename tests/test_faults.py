@@ -27,7 +27,7 @@ from actors.decoder import DecoderActor
 from pipeline.config import load_config
 from pipeline.lease import LeaseError
 from pipeline.run import RunFailed, generate
-from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
+from tests.conftest import FAST_STEPS, ONE_GPU, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
 from tests.faults import ActorKiller, FaultyProxy
 from benchmarks.reference import Reference
 from tests.test_exactness import REFERENCE_STEPS
@@ -38,7 +38,8 @@ ONE_BY_ONE = ["stages.text_encoder.batch_size=1", "stages.prior.batch_size=1", "
 
 
 def fault_sets(tiny_models, *extra) -> list[str]:
-    return FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + ONE_BY_ONE + list(extra)
+    return (FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + ONE_BY_ONE + ONE_GPU
+            + list(extra))
 
 
 def prompts_file(tmp_path, n: int) -> tuple[str, list[str]]:

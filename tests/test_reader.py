@@ -13,7 +13,7 @@ from pipeline import seeds
 from pipeline.config import load_config
 from pipeline.reader import InputError, RowPreparer, derived_id, preflight, validate_prompt
 from pipeline.rowids import IdSet
-from tests.conftest import FAST_STEPS, model_overrides, write_prompts
+from tests.conftest import FAST_STEPS, ONE_GPU, model_overrides, write_prompts
 
 
 def config(path, *sets):
@@ -154,7 +154,8 @@ def test_bad_rows_become_error_rows_and_every_row_is_accounted_once(tiny_models,
     write_prompts(folder / "a.parquet", [p for _, p, _, _ in BAD_ROWS], id=[i for i, _, _, _ in BAD_ROWS])
     write_prompts(folder / "b.parquet", [42, 43], id=["int-1", "int-2"], prompt_type=pa.int64())
     output = tmp_path / "out"
-    result = generate(load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False),
+    result = generate(load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
+                                  + ONE_GPU,
                                   input_path=str(folder), output_path=str(output)))
     rows = pq.read_table(output / "metadata").to_pylist()
     by_id = {}

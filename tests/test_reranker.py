@@ -12,7 +12,7 @@ from actors.prior import sample_prior
 from actors.reranker import RerankerActor, clip_scores, pixels_uint8
 from pipeline import checkpoints, seeds
 from pipeline.config import load_config
-from tests.conftest import FAST_STEPS, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
+from tests.conftest import FAST_STEPS, ONE_GPU, model_overrides, psnr, run_in_process, within_tolerance, write_prompts
 from benchmarks.reference import Reference
 from tests.test_exactness import REFERENCE_STEPS, read_outputs
 
@@ -111,7 +111,7 @@ def test_ray_run_with_reranking_keeps_reference_images(tiny_models, ray_session,
 
     prompts = write_prompts(tmp_path / "p.parquet", ["a red fox", "a blue bird"], id=["fox", "bird"])
     output = tmp_path / "out"
-    config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False)
+    config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False) + ONE_GPU
                          + ["rerank.candidates=3", "rerank.keep=2", "seed=17"], input_path=prompts,
                          output_path=str(output))
     summary = generate(config).summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from jobs.generate import main
-from tests.conftest import FAST_STEPS, model_overrides, write_prompts
+from tests.conftest import FAST_STEPS, ONE_GPU, SHARED_SECRET, model_overrides, write_prompts
 
 METADATA_COLUMNS = {"id", "prompt", "seed", "candidate", "rank", "clip_score", "candidate_scores", "image_key",
                 "width", "height", "status", "error", "truncated"}
@@ -22,13 +23,11 @@ def cli(*args) -> list[str]:
     return [arg for pair in args for arg in pair]
 
 
-def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_session, tmp_path, capsys):
-    prompts = write_prompts(tmp_path / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
-    output = tmp_path / "out"
-    sets = [("--set", s) for s in FAST_STEPS + model_overrides(tiny_models) + ["storage_options.secret=hunter2"]]
-    code = main(cli(("--input", prompts), ("--output", str(output)), *sets))
-    assert code == 0
-    printed = capsys.readouterr().out
+def test_cli_run_writes_images_metadata_and_summary_last(shared_run):
+    # The session's shared run: `python -m jobs.generate` with every stage on the session's 2 fake GPUs.
+    output = shared_run.output
+    assert shared_run.code == 0, shared_run.stderr[-3000:]
+    printed = shared_run.stdout
     assert "3 ok, 0 error" in printed and str(output) in printed
 
     table = pq.read_table(output / "metadata")
@@ -46,7 +45,10 @@ def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_sessio
     last_part = max(os.path.getmtime(p) for p in (output / "metadata").iterdir())
     assert os.path.getmtime(summary_path) >= last_part
     assert summary["counts"]["ok"] == 3 and summary["counts"]["images"] == 3
-    assert summary["versions"]["diffusers"] and summary["wall_time_s"] > 0 and summary["images_per_s"] > 0
+    # The recorded versions are the installed ones ("not installed" would be truthy, so compare exactly).
+    assert summary["versions"]["diffusers"] == importlib.metadata.version("diffusers")
+    assert summary["versions"]["torch"] == importlib.metadata.version("torch")
+    assert summary["wall_time_s"] > 0 and summary["images_per_s"] > 0
     assert [s["name"] for s in summary["stages"]][:3] == ["text_encoder", "prior", "decoder"]
     # Every stage actor ran on the GPU bundle the plan gave it (the session Ray has 2 fake GPUs).
     assert summary["plan"]["layout"] == "co-located" and summary["plan"]["gpus"] == 2
@@ -60,7 +62,7 @@ def test_cli_run_writes_images_metadata_and_summary_last(tiny_models, ray_sessio
     assert all(len(ids) == 1 and len(next(iter(ids))) == 1 for ids in gpu_of_bundle.values()), gpu_of_bundle
     assert len({next(iter(ids)) for ids in gpu_of_bundle.values()}) == 2, "the two bundles are two GPUs"
     everything = "".join(p.read_text(errors="ignore") for p in output.rglob("*.json"))
-    assert "hunter2" not in everything
+    assert SHARED_SECRET not in everything
 
     report = json.loads((output / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == [s["name"] for s in summary["stages"]]
@@ -75,7 +77,7 @@ def test_window_names_the_run_and_a_finished_window_is_a_no_op(tiny_models, ray_
     (tmp_path / "in" / "2026-11-24").mkdir(parents=True)
     write_prompts(tmp_path / "in" / "2026-11-24" / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
     sets = [("--set", s) for s in FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
-            + ["output.shard_size=1"]]
+            + ONE_GPU + ["output.shard_size=1"]]
     args = cli(("--input", str(tmp_path / "in" / "{window}")), ("--output", str(tmp_path / "out" / "{window}")),
                ("--window", "2026-11-24"), *sets)
     assert main(args) == 0

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import load_config
-from tests.conftest import FAST_STEPS, write_prompts
+from tests.conftest import FAST_STEPS, ONE_GPU, write_prompts
 
 SECRET = "moto-secret-do-not-log-7f3a"
 
@@ -72,7 +72,7 @@ def test_full_run_reads_prompts_and_models_from_s3_and_writes_there(tiny_models,
     fs.put(tiny_models["clip"], f"{prefix}-models/clip", recursive=True)
     # Endpoint from the standard variable (forwarded to every actor), credentials from the config key.
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    config = load_config(None, FAST_STEPS + [
+    config = load_config(None, FAST_STEPS + ONE_GPU + [
         f"models.unclip=s3://{prefix}-models/karlo", "models.upsampler_1024=null", f"models.clip=s3://{prefix}-models/clip",
         "output.format=webdataset", "storage_options.key=testing", f"storage_options.secret={SECRET}",
     ], input_path=f"s3://{prefix}-prompts/batch/", output_path=f"s3://{prefix}-out/run1")
