@@ -220,8 +220,9 @@ def _measured_driver(args, name: str, input_dir: str, output_dir: str) -> dict:
     with open(spec_path, "w", encoding="utf-8") as fh:
         json.dump(spec, fh)
     print(f"[memory] {time.strftime('%H:%M:%S')} {name}: generate {input_dir} -> {output_dir}", flush=True)
+    # Its own session: a signal meant for this benchmark's process group does not cut a measurement short.
     subprocess.run([sys.executable, "-m", "benchmarks.memory_run", "--child", spec_path], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), start_new_session=True)
     with open(result_path, encoding="utf-8") as fh:
         figures = json.load(fh)
     print(f"[memory] {time.strftime('%H:%M:%S')} {name}: before {figures['driver_rss_before_mb']} MB, peak "

@@ -267,7 +267,8 @@ def _end_streaming(dataset, stream) -> None:
     pool. Ray Data joins its scheduling thread only briefly there, and a step still running can start
     replacement actors into pools already shut down, so the thread is waited for here.
     """
-    stream.close()
+    if hasattr(stream, "close"):  # Ray Data's batch iterator is a generator; closing it shuts the executor down
+        stream.close()
     executor = getattr(dataset, "_current_executor", None)  # where Ray Data keeps the running executor
     if isinstance(executor, threading.Thread) and executor.is_alive():
         executor.join(EXECUTION_STOP_WAIT_S)
