@@ -256,7 +256,7 @@ def generate(config: Config, *, progress=None) -> RunResult:
         output.release()
 
 
-EXECUTION_STOP_WAIT_S = 30.0
+EXECUTION_STOP_WAIT_S = 60.0
 """How long a run waits for Ray Data's scheduling thread to stop once the stream has ended."""
 
 
