@@ -173,8 +173,8 @@ def _plan_files(url: str, layout: Layout, storage_options: dict, allow_pickle: b
     fs, root = storage.filesystem(url, storage_options)
     try:
         is_dir = storage.with_retries(lambda: fs.isdir(root), what=f"stat {url}")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {url} cannot be read: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - every backend's error (credentials, endpoint, ...) is one line
+        raise CheckpointError(f"checkpoint {storage.failure(url, exc)}") from None
     if not is_dir:
         raise CheckpointError(f"checkpoint {url} does not exist or is not a directory ({layout.description})")
     listed: dict[str, dict[str, dict]] = {}

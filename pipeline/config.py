@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import date
 import difflib
 import types
 import typing
@@ -17,8 +18,11 @@ from pipeline.gpus import GPU_KINDS
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_FORMATS = ("files", "webdataset")
 IMAGE_FORMATS = ("png", "webp", "jpeg")
+IMAGE_FORMAT_ALIASES = {"jpg": "jpeg", "png": "png", "webp": "webp", "jpeg": "jpeg"}
 OUTPUT_MODES = ("resume", "overwrite", "error_if_exists")
 RERANK_AT = ("decoder", "upsampler_256")
+DEFAULT_ID_COLUMN = "id"
+DEFAULT_SEED_COLUMN = "seed"
 
 
 class ConfigError(ValueError):
@@ -247,17 +251,30 @@ class InputConfig:
     """A Parquet file, directory or glob at any fsspec URL; may contain {window}."""
     prompt_column: str = "prompt"
     """Column holding the prompt text."""
-    id_column: str = "id"
-    """Optional column of unique row ids; absent: ids derive from file path and row position."""
-    seed_column: str = "seed"
-    """Optional int64 column of per-row seeds; absent: seeds derive from the run seed and the id."""
+    id_column: str | None = None
+    """Column of unique row ids. Unset: the column `id` if the input has one, else ids derive from the file
+    path and row position. Set: the input must have that column."""
+    seed_column: str | None = None
+    """Column of int64 per-row seeds. Unset: the column `seed` if the input has one, else seeds derive from
+    the run seed and the id. Set: the input must have that column."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.path, str) and self.path != "",
                  "input.path is required: pass --input PATH (a Parquet file, directory or glob)")
         for key in ("prompt_column", "id_column", "seed_column"):
             value = getattr(self, key)
-            _require(isinstance(value, str) and value != "", f"input.{key} must be a column name, got {value!r}")
+            _require((value is None and key != "prompt_column") or (isinstance(value, str) and value != ""),
+                     f"input.{key} must be a column name, got {value!r}")
+
+    @property
+    def id_name(self) -> str:
+        """The id column looked for: the one set, else `id`."""
+        return self.id_column or DEFAULT_ID_COLUMN
+
+    @property
+    def seed_name(self) -> str:
+        """The seed column looked for: the one set, else `seed`."""
+        return self.seed_column or DEFAULT_SEED_COLUMN
 
 
 @dataclass
@@ -269,9 +286,9 @@ class OutputConfig:
     format: str = "files"
     """'files' (one image object per kept image) or 'webdataset' (tar shards of image + json)."""
     image_format: str = "png"
-    """png, webp or jpeg."""
+    """png, webp or jpeg (jpg is read as jpeg)."""
     quality: int = 95
-    """Encoder quality for webp and jpeg (1-100)."""
+    """Encoder quality for webp and jpeg (1-100); png is lossless and ignores it."""
     shard_size: int = 256
     """Rows per commit unit: one metadata part (and one tar shard for webdataset) each."""
     mode: str = "resume"
@@ -284,6 +301,8 @@ class OutputConfig:
         _require(isinstance(self.path, str) and self.path != "",
                  "output.path is required: pass --output PATH (a directory or URL)")
         _require(self.format in OUTPUT_FORMATS, f"output.format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
+        if isinstance(self.image_format, str) and self.image_format.lower() in IMAGE_FORMAT_ALIASES:
+            self.image_format = IMAGE_FORMAT_ALIASES[self.image_format.lower()]
         _require(self.image_format in IMAGE_FORMATS,
                  f"output.image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         _require(isinstance(self.quality, int) and 1 <= self.quality <= 100,
@@ -314,8 +333,12 @@ class RunConfig:
     """For window 'auto': 'day' (YYYY-MM-DD) or 'hour' (YYYY-MM-DDTHH) in UTC."""
     progress_interval_s: float = 30.0
     """Seconds between progress lines (one per stage) when stderr is not a terminal."""
+    verbose: bool = False
+    """Also show Ray's and the model libraries' own output (weight-loading bars, Ray Data's execution notes);
+    off, a run prints its own lines and the warnings that matter."""
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.verbose, bool), f"run.verbose must be true or false, got {self.verbose!r}")
         _require(self.gpus == "auto" or (isinstance(self.gpus, int) and not isinstance(self.gpus, bool)
                                          and self.gpus >= 0),
                  f"run.gpus must be 'auto' or a number of GPUs >= 0, got {self.gpus!r}")
@@ -323,8 +346,8 @@ class RunConfig:
                  f"run.gpu_wait_s must be a number of seconds >= 0, got {self.gpu_wait_s!r}")
         _require(self.gpu_kind == "auto" or self.gpu_kind in GPU_KINDS,
                  f"run.gpu_kind must be 'auto' or one of {', '.join(GPU_KINDS)}, got {self.gpu_kind!r}")
-        _require(self.window is None or (isinstance(self.window, str) and self.window != ""),
-                 f"run.window must be a string such as 2026-11-24 or 'auto', got {self.window!r}")
+        _require(self.window is None or isinstance(self.window, (str, date)),
+                 f"run.window must be a date such as 2026-11-24 or 'auto', got {self.window!r}")
         _require(self.window_granularity in window.FORMATS,
                  f"run.window_granularity must be 'day' or 'hour', got {self.window_granularity!r}")
         _require(isinstance(self.progress_interval_s, (int, float)) and self.progress_interval_s > 0,
@@ -482,6 +505,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What the YAML parser objected to and where, as 'line L, column C: problem'."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def load_config(
     path: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -500,7 +532,7 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded or {}

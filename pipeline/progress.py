@@ -20,6 +20,14 @@ class ProgressBoard:
     def __init__(self):
         self.rows: dict[str, int] = {}
         self.actors: list[dict] = []
+        self.handles: list = []
+        """Every stage actor of the run, so the driver can end them all when the run ends, however it ends."""
+
+    def enlist(self, handle) -> None:
+        self.handles.append(handle)
+
+    def enlisted(self) -> list:
+        return list(self.handles)
 
     def add(self, stage: str, rows: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + rows
@@ -43,6 +51,18 @@ def actor_location() -> dict:
     bundle = os.environ.get(BUNDLE_ENV)
     return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "bundle": int(bundle) if bundle not in (None, "", "-1") else None}
+
+
+def enlist(board_name: str | None) -> None:
+    """Called by a stage actor as it starts: hand the run's board a handle to this actor (best effort)."""
+    if not board_name:
+        return
+    try:
+        import ray
+
+        ray.get_actor(board_name).enlist.remote(ray.get_runtime_context().current_actor)
+    except Exception as exc:  # noqa: BLE001 - outside a run (tests, in-process use) there is no board
+        log.debug("not enlisted on %s: %s", board_name, exc)
 
 
 class StageReporter:
@@ -132,6 +152,24 @@ class ProgressPrinter:
             return ray.get(self.board.placement.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - the report only; the run's outputs do not depend on it
             return []
+
+    def end_actors(self) -> int:
+        """Kill every stage actor the run started; returns how many. Ray Data's shutdown only drops its
+        references to them, and after a failure something may still hold one: they would keep their CPUs and
+        GPUs for as long as this process lives."""
+        import ray
+
+        try:
+            handles = ray.get(self.board.enlisted.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - the board died with the node it ran on
+            log.warning("could not list the run's stage actors to end them: %s", exc)
+            return 0
+        for handle in handles:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        return len(handles)
 
     def close(self) -> None:
         import ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class InputInfo:
     rows: int
     has_id: bool
     has_seed: bool
+    fingerprint: str = ""
+    """A hash of every file's path, size and row count: a finished run counts as finished for this input only."""
     groups: list[list[str]] = field(default_factory=list)
     """Files grouped by the types of the columns read: each group is read as one schema, then unioned,
     so a file whose prompt column is not a string yields error rows instead of breaking the read."""
@@ -52,7 +55,7 @@ def _resolve_files(url: str, storage_options: dict) -> tuple[object, list[str]]:
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend error is a run-level 'unreadable path'
-        raise InputError(f"input.path {url} cannot be read: {type(exc).__name__}: {exc}") from None
+        raise InputError(f"input.path {storage.failure(url, exc)}") from None
     if not files:
         raise InputError(f"input.path {url} matches no Parquet files ({expected})")
     return fs, sorted(files)
@@ -70,11 +73,13 @@ def preflight(config: Config) -> InputInfo:
     rows = 0
     has_id = has_seed = None
     groups: dict[tuple, list[str]] = {}
+    fingerprint = hashlib.sha256()
     for path in files:
         try:
             with fs.open(path, "rb") as fh:
                 parquet = pq.ParquetFile(fh)
                 schema, count = parquet.schema_arrow, parquet.metadata.num_rows
+                size = getattr(fh, "size", None) or fs.size(path)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
             raise InputError(f"input file {path} is not a readable Parquet file ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
@@ -82,21 +87,26 @@ def preflight(config: Config) -> InputInfo:
         if spec.prompt_column not in names:
             raise InputError(f"input file {path} has no column '{spec.prompt_column}' (columns: "
                              f"{', '.join(names) or 'none'}); set input.prompt_column to the prompt column")
-        read = [c for c in (spec.prompt_column, spec.id_column, spec.seed_column) if c in names]
+        for key, column in (("id_column", spec.id_column), ("seed_column", spec.seed_column)):
+            if column is not None and column not in names:  # named on purpose: never silently derived instead
+                raise InputError(f"input file {path} has no column '{column}' set as input.{key} (columns: "
+                                 f"{', '.join(names)}); name an existing column, or unset input.{key} to derive it")
+        read = [c for c in (spec.prompt_column, spec.id_name, spec.seed_name) if c in names]
         groups.setdefault(tuple(str(schema.field(c).type) for c in read), []).append(path)
-        file_has_id, file_has_seed = spec.id_column in names, spec.seed_column in names
+        file_has_id, file_has_seed = spec.id_name in names, spec.seed_name in names
         if has_id is not None and (file_has_id != has_id or file_has_seed != has_seed):
-            raise InputError(f"input file {path} differs from the others in having '{spec.id_column}' or "
-                             f"'{spec.seed_column}' columns; every file needs the same optional columns")
+            raise InputError(f"input file {path} differs from the others in having '{spec.id_name}' or "
+                             f"'{spec.seed_name}' columns; every file needs the same optional columns")
         has_id, has_seed = file_has_id, file_has_seed
-        if file_has_seed and not pa.types.is_integer(schema.field(spec.seed_column).type):
-            raise InputError(f"input column '{spec.seed_column}' in {path} is {schema.field(spec.seed_column).type}, "
+        if file_has_seed and not pa.types.is_integer(schema.field(spec.seed_name).type):
+            raise InputError(f"input column '{spec.seed_name}' in {path} is {schema.field(spec.seed_name).type}, "
                              "expected int64 seeds (or rename it and set input.seed_column)")
         rows += count
+        fingerprint.update(f"{path}\t{size}\t{count}\n".encode())
     info = InputInfo(url=spec.path, files=files, rows=rows, has_id=bool(has_id), has_seed=bool(has_seed),
-                     groups=list(groups.values()))
+                     fingerprint=fingerprint.hexdigest(), groups=list(groups.values()))
     if info.has_id:
-        _check_unique_ids(fs, files, spec.id_column)
+        _check_unique_ids(fs, files, spec.id_name)
     return info
 
 
@@ -157,8 +167,8 @@ class RowPreparer:
         # holding a null into float64, rounding seeds above 2^53 and writing integer ids as "12.0".
         n = table.num_rows
         prompts = table.column(self.spec.prompt_column).to_pylist()
-        raw_ids = table.column(self.spec.id_column).to_pylist() if self.has_id else [None] * n
-        raw_seeds = table.column(self.spec.seed_column).to_pylist() if self.has_seed else [None] * n
+        raw_ids = table.column(self.spec.id_name).to_pylist() if self.has_id else [None] * n
+        raw_seeds = table.column(self.spec.seed_name).to_pylist() if self.has_seed else [None] * n
         ids = np.empty(n, dtype=object)
         for i, raw in enumerate(raw_ids):
             ids[i] = str(raw) if raw is not None and not _is_nan(raw) else self._derived_id(table, i)
@@ -231,9 +241,9 @@ def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: fl
     fs, _ = storage.filesystem(info.url, config.storage_options)
     columns = [config.input.prompt_column]
     if info.has_id:
-        columns.append(config.input.id_column)
+        columns.append(config.input.id_name)
     if info.has_seed:
-        columns.append(config.input.seed_column)
+        columns.append(config.input.seed_name)
     preparer = RowPreparer(config, info, ray.put(done_ids) if done_ids else None)
     datasets = []
     for files in info.groups:

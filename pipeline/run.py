@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 import sys
@@ -17,7 +16,7 @@ from actors.base import StageContext
 from pipeline import checkpoints, cluster, costs, reader, storage
 from pipeline.config import Config, compute_dtype, redacted
 from pipeline.lease import LeaseError
-from pipeline.output import SUCCESS_FILE, OutputDir
+from pipeline.output import SUCCESS_FILE, OutputDir, same_input
 from pipeline.plan import ClusterShape, Plan, Placement, StageSpec, bundle_cpus, plan_placements, stage_specs, task_cpus
 from pipeline.reservation import GpuReservation, ReservationTimeout
 from pipeline.progress import ProgressPrinter
@@ -54,6 +53,14 @@ def _stage_load_error(exc: BaseException) -> str | None:
     return None
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during the stream, after the streaming execution was shut down; `committed` rows are safe."""
+
+    def __init__(self, committed: int):
+        super().__init__(f"interrupted; rerun the same command to resume ({committed} rows committed)")
+        self.committed = committed
+
+
 @dataclass
 class RunResult:
     summary: dict
@@ -73,18 +80,21 @@ def preflight(config: Config) -> reader.InputInfo:
     return reader.preflight(config)
 
 
+RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 _CONNECTED_HERE = []
 """Set when connect_ray started this process's Ray connection (not a caller's, e.g. a notebook's)."""
 
 
-def connect_ray() -> None:
+def connect_ray(verbose: bool = True) -> None:
     """Join the cluster in RAY_ADDRESS (or the one this process already has), else start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
-             logging_level=logging.WARNING)
+    if not verbose:
+        # Ray turns token authentication on by default and warns each time that it did: news, not a problem.
+        logging.getLogger(RAY_AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_level=logging.WARNING)
     _CONNECTED_HERE.append(True)
 
 
@@ -170,7 +180,7 @@ def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec
                   progress_board: str | None = None, reservation: GpuReservation | None = None,
                   attempt: str | None = None):
     """Read -> one actor pool per stage -> shard writer (committing as `attempt`), as one streaming Ray Dataset."""
-    runtime_env = {"env_vars": storage.forwarded_env()}
+    runtime_env = {"env_vars": stage_env(config)}
     dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus, runtime_env=runtime_env)
     dataset = chain_stages(dataset, config, stages, placements, runtime_env, progress_board=progress_board,
                            reservation=reservation)
@@ -193,11 +203,27 @@ def _pipeline_span(stage_work: dict[str, float]) -> float | None:
     return round(max(ends) - min(begins), 3) if begins and ends else None
 
 
-def configure_data_context() -> None:
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "DIFFUSERS_VERBOSITY": "error"}
+"""Set in the stage actors unless run.verbose: a weights-loading bar per actor is noise in a batch job's log;
+transformers keeps its warnings (e.g. weights a checkpoint lacks)."""
+
+
+def stage_env(config: Config) -> dict[str, str]:
+    """Environment variables every task and actor of the run gets."""
+    return {**storage.forwarded_env(), **({} if config.run.verbose else QUIET_ENV)}
+
+
+def configure_data_context(verbose: bool = False) -> None:
     """Ray Data settings for a long streaming run of actor pools."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
+    if not verbose:
+        # Execution plans, resource hints and stats are for debugging a run, not for watching one.
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Without a terminal Ray Data warns that its bars are off; the run's own progress lines replace them.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     context.enable_progress_bars = sys.stderr.isatty()
     context.execution_options.preserve_order = False
     # A pool whose actors cannot be placed would otherwise run on the ones that could, silently slower.
@@ -227,11 +253,12 @@ def generate(config: Config, *, progress=None) -> RunResult:
     info = preflight(config)
     output = OutputDir(config)
     finished = output.check()
-    if finished is not None:
+    if finished is not None and same_input(finished, info.fingerprint):
         return RunResult(summary=finished, already_done=True)
+    output.probe_writable()
 
-    connect_ray()
-    configure_data_context()
+    connect_ray(config.run.verbose)
+    configure_data_context(config.run.verbose)
     stages = stage_specs(config)
     # The output first: a second driver on it refuses at once instead of waiting for GPUs the first one holds.
     attempt = output.acquire()
@@ -241,10 +268,15 @@ def generate(config: Config, *, progress=None) -> RunResult:
         try:
             planning_costs = _costs_for_planning(config, shape)
             plan = plan_placements(config, stages, shape, planning_costs, rows=max(1, info.rows))
-            state = output.prepare(resolved_compute(config, stages, plan, cuda))
+            state = output.prepare(resolved_compute(config, stages, plan, cuda), info.fingerprint)
             if state.finished is not None:  # another attempt finished it meanwhile
                 return RunResult(summary=state.finished, already_done=True)
+            if len(state.done_ids) > info.rows:
+                raise RunFailed(_vanished_rows(config, len(state.done_ids), info.rows))
             todo = info.rows - len(state.done_ids)
+            if state.done_ids:
+                print(f"resuming: {len(state.done_ids)} of {info.rows} rows already committed in "
+                      f"{config.output.path}; generating the other {todo}", file=sys.stderr, flush=True)
             if todo < info.rows:  # the drain at the end depends on how many rows are left
                 plan = plan_placements(config, stages, shape, planning_costs, rows=max(1, todo))
             return _execute(config, info, state, output, attempt, stages, plan, shape, reservation, todo, started,
@@ -274,6 +306,12 @@ def _end_streaming(dataset, stream) -> None:
         executor.join(EXECUTION_STOP_WAIT_S)
 
 
+def _vanished_rows(config: Config, committed: int, rows: int) -> str:
+    return (f"{config.output.path} holds {committed} rows but the input has {rows}: {committed - rows} row(s) "
+            "generated earlier are no longer in the input (removed, or changed where ids derive from row "
+            "positions); restore the input, or write to a new output path (or set output.mode=overwrite)")
+
+
 def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, attempt: str, stages: list[StageSpec],
              plan: Plan, shape: ClusterShape, reservation: GpuReservation | None, todo: int, started: float, progress) -> RunResult:
     """Stream the dataset to the end, check every row landed once, and write the report and the summary."""
@@ -287,6 +325,7 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
     new_rows = new_images = 0
     stage_work: dict[str, float] = {}
     load_failure = None
+    interrupted = False
     stream = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         for batch in stream:
@@ -305,15 +344,15 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
         load_failure = _stage_load_error(exc)
         if load_failure is None:
             raise
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         _end_streaming(dataset, stream)
-        # Ray Data's executor and its pools reference each other, so the actors it let go of live on until a
-        # garbage collection; collect now, with this frame's references gone (a failed run's traceback keeps
-        # the frame), so they end with the run and a next run in this process gets their CPUs and GPUs.
-        dataset = stream = None
-        gc.collect()
         actors = printer.placement()
+        printer.end_actors()  # so a next run in this process gets their CPUs and GPUs, even after a failure
         printer.close()
+    if interrupted:  # counted after the shutdown: writers may have committed more than the stream delivered
+        raise RunInterrupted(output.committed_rows())
     if load_failure is not None:
         raise RunFailed(f"{load_failure.rstrip('.')}; fix the checkpoint and rerun (finished rows are kept)")
 
@@ -323,6 +362,8 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
         raise RunFailed(f"{len(scan.duplicates)} row id(s) were committed more than once (e.g. "
                         f"{', '.join(repr(i) for i in scan.duplicates[:3])}); the output is not trustworthy as it "
                         "is: rerun with output.mode=overwrite")
+    if scan.rows > info.rows:
+        raise RunFailed(_vanished_rows(config, scan.rows, info.rows))
     if scan.rows != info.rows:
         # Never declare success unless every input row is accounted for (a vanished or changed input file).
         raise RunFailed(f"only {scan.rows} of {info.rows} input rows reached the output; the input changed "
@@ -339,7 +380,9 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
             "skipped": len(state.done_ids),
             "images": scan.images,
             "generated_this_attempt": new_rows,
+            "images_this_attempt": new_images,
         },
+        "input_fingerprint": info.fingerprint,
         "wall_time_s": round(wall, 3),
         "pipeline_span_s": _pipeline_span(stage_work),
         "images_per_s": round(new_images / wall, 4) if wall > 0 else None,

@@ -68,6 +68,27 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
     raise AssertionError("unreachable")
 
 
+STORAGE_HINTS = (
+    (("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError"),
+     "no usable credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or storage_options"),
+    (("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError",
+      "ConnectionRefusedError", "TimeoutError", "gaierror"),
+     "the storage endpoint cannot be reached: check the URL, AWS_ENDPOINT_URL and the network"),
+    (("PermissionError", "AccessDenied", "Forbidden"), "access denied: check the credentials' permissions there"),
+    (("FileExistsError", "NotADirectoryError"), "a file is in the way where a directory is needed: choose another path"),
+    (("FileNotFoundError", "NoSuchBucket"), "it does not exist: check the path (and that the bucket exists)"),
+)
+"""Exception class names (anywhere in the class's ancestry) -> what the user should check."""
+
+
+def failure(url: str, exc: BaseException, doing: str = "read") -> str:
+    """One line for a storage error on `url`: the error and what to check, e.g. for a missing credential."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    hint = next((text for classes, text in STORAGE_HINTS if names & set(classes)), None)
+    detail = str(exc).splitlines()[0] if str(exc).strip() else "no detail"
+    return f"{url} cannot be {doing}: {type(exc).__name__}: {detail}" + (f"; {hint}" if hint else "")
+
+
 def hidden_temp_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     # A leading dot hides in-progress files from pyarrow, pandas, Spark and webdataset globs.
     parent, name = path.rsplit("/", 1) if "/" in path else ("", path)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import re
+import time
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -21,6 +22,7 @@ from pipeline.lease import LEASE_FILE, read_lease
 IMAGES_DIR = "images"
 SHARDS_DIR = "shards"
 METADATA_DIR = "metadata"
+STATS_DIR = "stats"
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 KEY_LIMIT = 80
 UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -74,8 +76,15 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+STATS_SUFFIX = "_stats.json"
+
+
 class ImageSink(ABC):
     """Where a shard's images go. `add` stages one image; `commit` makes the shard's images visible."""
+
+    stats_dir = STATS_DIR
+    """Where each shard's stats file (<shard>_stats.json) goes: beside the tar where shards are tars; else in
+    a folder of its own, so the metadata folder stays a plain Parquet dataset."""
 
     def __init__(self, fs, root: str, shard: str, image_format: str, quality: int):
         self.fs, self.root, self.shard = fs, root, shard
@@ -90,10 +99,20 @@ class ImageSink(ABC):
     def commit(self) -> None:
         """Make every added image durable and visible; called once, before the metadata part."""
 
-    @staticmethod
-    def cleanup(fs, root: str, committed_shards: set[str]) -> int:
+    @classmethod
+    def cleanup(cls, fs, root: str, committed_shards: set[str]) -> int:
         """Remove objects of shards that were never committed; returns how many were removed."""
-        return 0
+        return _remove_uncommitted(fs, storage.join(root, cls.stats_dir), STATS_SUFFIX, committed_shards)
+
+
+def _remove_uncommitted(fs, folder: str, suffix: str, committed_shards: set[str]) -> int:
+    removed = 0
+    for path in storage.listdir(fs, folder):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(suffix) and name[: -len(suffix)] not in committed_shards:
+            fs.rm(path)
+            removed += 1
+    return removed
 
 
 class FileSink(ImageSink):
@@ -128,15 +147,12 @@ class WebDatasetSink(ImageSink):
         self.tar.close()
         storage.atomic_write(self.fs, storage.join(self.root, SHARDS_DIR, f"{self.shard}.tar"), self.buffer.getvalue())
 
-    @staticmethod
-    def cleanup(fs, root, committed_shards):
-        removed = 0
-        for path in storage.listdir(fs, storage.join(root, SHARDS_DIR)):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(".tar") and name[: -len(".tar")] not in committed_shards:
-                fs.rm(path)
-                removed += 1
-        return removed
+    stats_dir = SHARDS_DIR
+
+    @classmethod
+    def cleanup(cls, fs, root, committed_shards):
+        return super().cleanup(fs, root, committed_shards) + _remove_uncommitted(
+            fs, storage.join(root, SHARDS_DIR), ".tar", committed_shards)
 
 
 SINKS: dict[str, type[ImageSink]] = {"files": FileSink, "webdataset": WebDatasetSink}
@@ -196,6 +212,7 @@ class ShardWriter:
                             f"({holder.describe() if holder else 'no lease'}); not committing")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.time()
         fs, root = storage.filesystem(self.output.path, self.storage_options)
         self._check_lease(fs, root)
         shard = shard_name(batch["id"], self.attempt)
@@ -205,13 +222,17 @@ class ShardWriter:
         table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
+        statuses = np.asarray(batch["status"]).astype(object)
+        stats = {"shard": shard, "attempt": self.attempt, "rows": len(statuses), "ok": int((statuses == "ok").sum()),
+                 "error": int((statuses != "ok").sum()), "images": sum(1 for r in rows if r.get("image_key")),
+                 "seconds": round(time.time() - started, 3)}
+        storage.atomic_write(fs, storage.join(root, sink.stats_dir, f"{shard}{STATS_SUFFIX}"),
+                             json.dumps(stats, sort_keys=True).encode())
         self._check_lease(fs, root)  # again, right before the commit: encoding took a while
         # Written last: its presence is what makes the shard's rows count as done.
         storage.atomic_write(fs, storage.join(root, METADATA_DIR, f"{shard}.parquet"), buffer.getvalue())
-        statuses = np.asarray(batch["status"]).astype(object)
-        result = {"shard": np.array([shard], dtype=object), "rows": np.array([len(statuses)]),
-                  "ok": np.array([int((statuses == "ok").sum())]), "error": np.array([int((statuses != "ok").sum())]),
-                  "images": np.array([sum(1 for r in rows if r.get("image_key"))])}
+        result = {"shard": np.array([shard], dtype=object),
+                  **{key: np.array([stats[key]]) for key in ("rows", "ok", "error", "images")}}
         for column, value in merge_stage_counters({}, batch).items():
             result[column] = np.array([value])
         return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 
 from pipeline.config import ConfigError, load_config, redacted, valid_keys
@@ -111,3 +113,24 @@ def test_every_documented_key_exists():
     for stage in ("text_encoder", "prior", "decoder", "upsampler_256", "upsampler_1024", "reranker"):
         for setting in ("batch_size", "num_gpus", "replicas", "dtype"):
             assert f"stages.{stage}.{setting}" in keys
+
+
+def test_yaml_syntax_errors_name_the_line_and_column(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("stages:\n  decoder:\n    steps: 3\n   batch_size: 2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml is not valid YAML: line 4, column 4: expected <block end>"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("given, expected", [("2026-11-24", "2026-11-24"), ("2026-11-24T05", "2026-11-24T05"),
+                                             (datetime.date(2026, 2, 3), "2026-02-03")])
+def test_a_window_is_a_calendar_day_or_hour(given, expected):
+    config = load_config(None, ["models.unclip=/x", f"run.window={given}"], input_path="in/{window}",
+                         output_path="out/{window}")
+    assert config.run.window == expected and config.output.path == f"out/{expected}"
+
+
+@pytest.mark.parametrize("bad", ["yesterday", "2026-13-45", "2026-02-30", "2026-1-5", "2026-11-24T25", "20261124"])
+def test_a_window_that_is_not_a_real_date_is_refused(bad):
+    with pytest.raises(ConfigError, match=rf"run.window '{bad}' is not a date \(YYYY-MM-DD"):
+        load_config(None, ["models.unclip=/x"], input_path="in", output_path="out", window=bad)

@@ -72,6 +72,12 @@ def test_resume_loads_committed_rows_and_refuses_other_settings(tmp_path):
     assert state.done_ids.contains(["row-0", "row-1", "bad", "row-2"]).tolist() == [True, True, True, False]
     with pytest.raises(OutputError, match=r"different settings \(seed, stages.decoder.steps\)"):
         prepare(config(out, "seed=9", "stages.decoder.steps=3"))
+    assert len(prepare(config(out, "output.quality=80")).done_ids) == 3, "png ignores quality"
+    lossy = tmp_path / "lossy"
+    prepare(config(lossy, "output.image_format=jpg"))
+    assert len(prepare(config(lossy, "output.image_format=jpeg")).done_ids) == 0, "jpg is jpeg"
+    with pytest.raises(OutputError, match=r"different settings \(output.quality\)"):
+        prepare(config(lossy, "output.image_format=jpeg", "output.quality=80"))
 
 
 def test_resume_refuses_other_devices_or_dtypes_once_both_are_known(tmp_path):
@@ -93,10 +99,15 @@ def test_uncommitted_shards_and_in_progress_files_are_removed_on_resume(tmp_path
     with attempt(cfg) as (_, _, write):
         write(batch())
     (out / "shards" / "part-orphan.tar").write_bytes(b"written, never committed")
+    (out / "shards" / "part-orphan_stats.json").write_text("{}")
     (out / "metadata" / ".part-x.parquet.inprogress-123").write_bytes(b"half")
     state = prepare(cfg)
     assert len(state.committed_shards) == 1
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"{s}.tar" for s in state.committed_shards]
+    (shard,) = state.committed_shards
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"{shard}.tar", f"{shard}_stats.json"]
+    stats = json.loads((out / "shards" / f"{shard}_stats.json").read_text())
+    assert {k: stats[k] for k in ("shard", "rows", "ok", "error", "images")} == {
+        "shard": shard, "rows": 3, "ok": 2, "error": 1, "images": 4} and stats["seconds"] >= 0
     assert not list(out.rglob(".*inprogress*"))
 
 
@@ -186,6 +197,9 @@ class Silent:
     def placement(self):
         return []
 
+    def end_actors(self):
+        return 0
+
     def close(self):
         pass
 
@@ -199,7 +213,7 @@ def test_a_run_that_lost_rows_is_not_declared_finished(tmp_path, monkeypatch):
         def iter_batches(self, **kwargs):
             return iter(())
 
-    monkeypatch.setattr(run, "connect_ray", lambda: None)
+    monkeypatch.setattr(run, "connect_ray", lambda verbose: None)
     monkeypatch.setattr(run, "planned_cluster", lambda config: run.ClusterShape(cpus=2.0, gpus=0))
     monkeypatch.setattr(run, "ProgressPrinter", Silent)
     monkeypatch.setattr(run, "build_dataset", lambda *args, **kwargs: NothingCameThrough())
@@ -208,3 +222,73 @@ def test_a_run_that_lost_rows_is_not_declared_finished(tmp_path, monkeypatch):
     with pytest.raises(run.RunFailed, match="only 0 of 2 input rows reached the output"):
         run.generate(load_config(None, [], input_path=prompts, output_path=str(out), preset="tiny"))
     assert not (out / SUCCESS_FILE).exists()
+
+
+def test_another_window_in_the_same_output_is_refused_with_how_to_fix_it(tmp_path):
+    out = tmp_path / "w-fixed"
+    prepare(config(out, "run.window=2026-11-24"))
+    (out / SUCCESS_FILE).write_text(json.dumps({"counts": {"ok": 1, "error": 0}}))
+    assert OutputDir(config(out, "run.window=2026-11-24")).check() is not None  # the same window: finished
+    with pytest.raises(OutputError, match=r"holds window 2026-11-24, not 2026-11-25; put \{window\} in the output"):
+        OutputDir(config(out, "run.window=2026-11-25")).check()
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
+    foreign = tmp_path / "foreign"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    (foreign / "sub" / "data.csv").write_text("1,2")
+    with pytest.raises(OutputError, match=r"holds 'notes.txt', which no run of this product wrote"):
+        prepare(config(foreign, "output.mode=overwrite"))
+    assert (foreign / "notes.txt").read_text() == "mine" and (foreign / "sub" / "data.csv").exists()
+
+    out = tmp_path / "out"
+    with attempt(config(out)) as (_, _, write):
+        write(batch())
+    (out / "notes.txt").write_text("mine")  # a user's file beside a run's output
+    with pytest.raises(OutputError, match=r"holds 'notes.txt'"):
+        prepare(config(out, "output.mode=overwrite"))
+    assert list((out / "metadata").glob("*.parquet")), "nothing was deleted"
+    (out / "notes.txt").unlink()
+    assert len(prepare(config(out, "output.mode=overwrite")).done_ids) == 0
+    assert not (out / "metadata").exists()
+
+
+def test_an_output_path_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"output .*file is a file; output.path must be a directory"):
+        OutputDir(config(tmp_path / "file")).check()
+    with pytest.raises(OutputError, match=r"cannot be written: .*a file is in the way") as info:
+        OutputDir(config(tmp_path / "file" / "below")).probe_writable()
+    assert "\n" not in str(info.value)
+    OutputDir(config(tmp_path / "fine")).probe_writable()
+    assert not any((tmp_path / "fine").iterdir()), "the probe object is removed"
+
+
+def test_storage_errors_are_one_line_with_what_to_check():
+    from pipeline import storage
+
+    class NoCredentialsError(Exception):  # botocore's name; the hint is chosen by class name
+        pass
+
+    line = storage.failure("s3://bucket/out", NoCredentialsError("Unable to locate credentials"), "written")
+    assert line == ("s3://bucket/out cannot be written: NoCredentialsError: Unable to locate credentials; no usable "
+                    "credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or storage_options")
+    assert "endpoint cannot be reached" in storage.failure("s3://b", ConnectionRefusedError("refused"))
+
+
+def test_a_finished_output_is_unfinished_for_an_input_with_other_rows(tmp_path):
+    from pipeline.output import same_input
+
+    out = tmp_path / "out"
+    with attempt(config(out)) as (_, _, write):
+        write(rows_of(["a", "b", "c"]))
+    (out / SUCCESS_FILE).write_text(json.dumps({"counts": {"ok": 2, "error": 1}, "input_fingerprint": "three"}))
+    assert same_input(json.loads((out / SUCCESS_FILE).read_text()), "three")
+    output = OutputDir(config(out))
+    output.acquire()
+    try:
+        state = output.prepare(input_fingerprint="five")  # the input grew: resume the rows it has not seen
+    finally:
+        output.release()
+    assert state.finished is None and len(state.done_ids) == 3 and not (out / SUCCESS_FILE).exists()

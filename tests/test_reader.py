@@ -31,6 +31,11 @@ RUN_LEVEL = {
                       r"duplicate id '1' in input column 'id'"),
     "float seeds": (lambda d: write_prompts(d / "a.parquet", ["x"], seed=[1.5]), [],
                     r"input column 'seed' .* is double, expected int64 seeds"),
+    "explicit id column missing": (lambda d: write_prompts(d / "a.parquet", ["x"]), ["input.id_column=idx"],
+                                   r"has no column 'idx' set as input.id_column \(columns: prompt\); name an "
+                                   r"existing column, or unset input.id_column"),
+    "explicit seed column missing": (lambda d: write_prompts(d / "a.parquet", ["x"], seed=[1]),
+                                     ["input.seed_column=s"], r"has no column 's' set as input.seed_column"),
     "mixed optional columns": (lambda d: (write_prompts(d / "a.parquet", ["x"], id=["1"]),
                                           write_prompts(d / "b.parquet", ["y"]), str(d))[-1], [],
                                r"differs from the others in having 'id' or 'seed' columns"),

@@ -74,6 +74,9 @@ def test_cli_run_writes_images_metadata_and_summary_last(shared_run):
 
 
 def test_window_names_the_run_and_a_finished_window_is_a_no_op(tiny_models, ray_session, tmp_path, capsys):
+    from pipeline.config import load_config
+    from pipeline.run import RunInterrupted, generate
+
     (tmp_path / "in" / "2026-11-24").mkdir(parents=True)
     write_prompts(tmp_path / "in" / "2026-11-24" / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
     sets = [("--set", s) for s in FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
@@ -90,13 +93,39 @@ def test_window_names_the_run_and_a_finished_window_is_a_no_op(tiny_models, ray_
     assert "window 2026-11-24 already complete" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()} == files
 
-    # Half finished (one shard lost its commit marker, no summary): the same command resumes that shard only.
+    # Half finished (one shard lost its commit marker, no summary) and, since, two new rows in the input: the
+    # finished window is not "complete" any more. Ctrl-C on the way stops the run with the count of what is
+    # committed; the same command then resumes, says so at the start, and counts this attempt's images apart.
     (output / "_SUCCESS.json").unlink()
     next(iter(sorted((output / "metadata").iterdir()))).unlink()
+    write_prompts(tmp_path / "in" / "2026-11-24" / "p.parquet",
+                  ["a red fox", "a blue bird", "a green frog", "a grey owl", "a pink pig"])
+
+    def interrupt(done, todo):
+        raise KeyboardInterrupt
+
+    config = load_config(None, [s for _, s in sets], input_path=str(tmp_path / "in" / "{window}"),
+                         output_path=str(tmp_path / "out" / "{window}"), window="2026-11-24")
+    with pytest.raises(RunInterrupted) as stopped:
+        generate(config, progress=interrupt)
+    committed = stopped.value.committed
+    assert str(stopped.value) == f"interrupted; rerun the same command to resume ({committed} rows committed)"
+    assert committed == pq.read_table(output / "metadata").num_rows >= 3
+    capsys.readouterr()
     assert main(args) == 0
+    printed = capsys.readouterr()
+    assert f"resuming: {committed} of 5 rows already committed" in printed.err
+    assert f"{5 - committed} images made this attempt" in printed.out and "5 in the output" in printed.out
     summary = json.loads((output / "_SUCCESS.json").read_text())
-    assert summary["counts"]["skipped"] == 2 and summary["counts"]["generated_this_attempt"] == 1
-    assert pq.read_table(output / "metadata").num_rows == 3
+    assert summary["counts"]["skipped"] == committed and summary["counts"]["generated_this_attempt"] == 5 - committed
+    assert summary["counts"]["images_this_attempt"] == 5 - committed and summary["counts"]["images"] == 5
+    assert pq.read_table(output / "metadata").num_rows == 5 and summary["counts"]["input_rows"] == 5
+
+    # Rows that left the input are not silently kept as part of a "complete" run.
+    write_prompts(tmp_path / "in" / "2026-11-24" / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "2 row(s) generated earlier are no longer in the input" in capsys.readouterr().err
 
     assert main(cli(("--input", str(tmp_path / "in" / "{window}")), ("--output", str(tmp_path / "o")), *sets)) == 2
     assert "pass --window" in capsys.readouterr().err
@@ -130,6 +159,32 @@ def test_run_level_errors_are_one_line_and_nonzero_before_any_work(tiny_models, 
     assert code == 2
     assert expected in err and err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert not output.exists(), "nothing is written before the run-level checks pass"
+
+
+def test_output_problems_are_one_line_before_any_model_loads(tiny_models, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.parquet", ["a fox"])
+    (tmp_path / "a-file").write_text("x")
+    sets = [("--set", s) for s in model_overrides(tiny_models)]
+    assert main(cli(("--input", prompts), ("--output", str(tmp_path / "a-file")), *sets)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output ") and "is a file; output.path must be a directory" in err and "\n" not in err
+    assert main(cli(("--input", prompts), ("--output", str(tmp_path / "a-file" / "below")), *sets)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot be written: " in err and "a file is in the way" in err and "\n" not in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_models, tmp_path, capsys, monkeypatch):
+    import pipeline.run
+    from pipeline.run import RunInterrupted
+
+    def interrupted(config, **kwargs):
+        raise RunInterrupted(7)
+
+    monkeypatch.setattr(pipeline.run, "generate", interrupted)
+    prompts = write_prompts(tmp_path / "p.parquet", ["a fox"])
+    sets = [("--set", s) for s in model_overrides(tiny_models)]
+    assert main(cli(("--input", prompts), ("--output", str(tmp_path / "out")), *sets)) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to resume (7 rows committed)"
 
 
 def test_module_entrypoint_exits_nonzero_with_one_line(tmp_path):
@@ -217,10 +272,12 @@ def test_a_run_that_fails_frees_the_cluster_for_the_next_run_in_the_same_process
     def run(extra: list[str], name: str):
         return generate(load_config(None, sets + extra, input_path=prompts, output_path=str(tmp_path / name)))
 
+    before = wait_for_idle_cluster(ray_session, 30)  # what earlier tests' runs still hold is not this run's
     # CPU actors only: no placement group whose removal would end them; only the run's own shutdown does.
     with pytest.raises(RunFailed, match="stage reranker could not load its model"):
         finishes_within(400, lambda: run([f"models.clip={broken}", "run.gpus=0"], "failed"))
     free = wait_for_idle_cluster(ray_session, 120)  # actor processes end asynchronously; slow on a busy machine
-    assert all(have >= total - 1e-6 for have, total in free.values()), f"still held after the failed run: {free}"
+    assert all(free[k][0] >= before[k][0] - 1e-6 for k in free), f"still held after the failed run: {free} " \
+                                                                  f"(free before it: {before})"
     summary = finishes_within(400, lambda: run(good, "good")).summary
     assert summary["status"] == "complete" and summary["counts"]["ok"] == 2
