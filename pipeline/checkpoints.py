@@ -202,8 +202,63 @@ def _manifest_of(files: dict[str, tuple[Component, dict]]) -> list[dict]:
             for rel, (_, details) in sorted(files.items())]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+(@[A-Za-z0-9_./-]+)?$")
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def hub_repo(source: str) -> tuple[str, str] | None:
+    """(repo id, revision) when `source` names a Hugging Face Hub repo, `org/name` or `org/name@revision`, and
+    not a URL or a path that exists (as diffusers' from_pretrained decides); None otherwise."""
+    if "://" in source or os.path.exists(source) or not HUB_ID.match(source):
+        return None
+    repo, _, revision = source.partition("@")
+    return repo, revision or "main"
+
+
+def _hub_patterns(layout: Layout, allow_pickle: bool) -> list[str]:
+    """The files the loader reads, as Hub download patterns: configs, tokenizer and processor files, weights."""
+    suffixes = ("json", "txt", "safetensors") + (("bin",) if allow_pickle else ())
+    folders = sorted({c.subfolder for c in layout.components.values()})
+    return ["model_index.json"] + [f"{folder}/*.{suffix}" if folder else f"*.{suffix}"
+                                   for folder in folders for suffix in suffixes]
+
+
+def hub_snapshot(source: str, layout_name: str, allow_pickle: bool = False) -> str:
+    """This node's local copy of a Hub repo (fetched once into the Hugging Face cache, which HF_HOME or
+    HF_HUB_CACHE place; HF_TOKEN for private repos; with HF_HUB_OFFLINE only the cache is used)."""
+    from huggingface_hub import snapshot_download
+
+    repo, revision = hub_repo(source)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE_WORDS
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not when huggingface_hub was imported
+    try:
+        return snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
+                                 allow_patterns=_hub_patterns(LAYOUTS[layout_name], allow_pickle),
+                                 token=os.environ.get("HF_TOKEN") or None)
+    except Exception as exc:  # noqa: BLE001 - the Hub client raises many types; each is one line here
+        if offline:
+            raise CheckpointError(f"checkpoint {source}: Hugging Face Hub repo {repo} at revision {revision} is not "
+                                  f"in the local Hub cache{f' ({cache})' if cache else ''} and HF_HUB_OFFLINE is set; "
+                                  "fetch it once with network access, or unset HF_HUB_OFFLINE") from None
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise CheckpointError(f"checkpoint {source}: the Hugging Face Hub repo cannot be fetched "
+                              f"({type(exc).__name__}: {detail}); check the repo id, the revision and HF_TOKEN") from None
+
+
+def pin_revision(source: str, layout_name: str, allow_pickle: bool = False) -> str:
+    """A Hub source pinned to the commit its revision names now (`org/name@<commit hash>`), so every actor loads
+    the same files and the run's recorded settings change when the repo does; other sources as they are."""
+    if hub_repo(source) is None:
+        return source
+    commit = os.path.basename(os.path.normpath(hub_snapshot(source, layout_name, allow_pickle)))
+    return f"{hub_repo(source)[0]}@{commit}"
+
+
 def validate(url: str, layout_name: str, storage_options: dict | None = None, allow_pickle: bool = False) -> None:
     """Check a source before any work starts: exists, every component present, configs parse."""
+    if hub_repo(url) is not None:
+        _plan_files(hub_snapshot(url, layout_name, allow_pickle), LAYOUTS[layout_name], {}, allow_pickle)
+        return
     if url.startswith(TINY_SCHEME):
         name = url[len(TINY_SCHEME):]
         if name not in TINY_BUILDERS:
@@ -257,6 +312,10 @@ def local_dir(url: str, layout_name: str, storage_options: dict | None = None, a
         validate(url, layout_name)
         target = os.path.join(cache_root(), f"tiny-v{TINY_VERSION}", name)
         return _build_once(target, TINY_BUILDERS[name])
+    if hub_repo(url) is not None:
+        path = hub_snapshot(url, layout_name, allow_pickle)
+        validate(path, layout_name, allow_pickle=allow_pickle)
+        return path
     if storage.is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
         validate(path, layout_name, allow_pickle=allow_pickle)
@@ -296,7 +355,7 @@ DEFAULT_MAX_NOISE_LEVEL = 350
 
 def max_noise_level(url: str, storage_options: dict | None = None) -> int:
     """The highest noise_level an x4 upscaler checkpoint takes: max_noise_level in its model_index.json."""
-    if url.startswith(TINY_SCHEME):
+    if url.startswith(TINY_SCHEME) or hub_repo(url) is not None:
         url = local_dir(url, "upsampler_1024")
     fs, root = storage.filesystem(url, storage_options)
     try:

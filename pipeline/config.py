@@ -191,7 +191,8 @@ STAGE_NAMES = tuple(f.name for f in dataclasses.fields(StagesConfig))
 
 @dataclass
 class ModelsConfig:
-    """Checkpoint sources: a local directory, any fsspec URL, or a built-in `tiny://` checkpoint."""
+    """Checkpoint sources: a Hugging Face Hub repo id (`org/name[@revision]`), a local directory, any fsspec URL, or
+    a built-in `tiny://` checkpoint."""
 
     unclip: str | None = None
     """Karlo diffusers layout (kakaobrain/karlo-v1-alpha snapshot)."""

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 TASKS_IN_FLIGHT_PER_ACTOR = 2
 """One batch running, one queued: actors never wait on the scheduler, and none hoards the last batches."""
 MIN_ACTORS_WAIT_S = 900
+MODEL_KEYS = ("unclip", "upsampler_1024", "clip")
 PACKAGES = ("ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec", "s3fs", "unclip-ray")
 
 
@@ -67,10 +68,18 @@ class RunResult:
     already_done: bool = False
 
 
+def pin_model_revisions(config: Config) -> Config:
+    """The config with every Hugging Face Hub source pinned to the commit its revision names now."""
+    models = config.models
+    pinned = {key: checkpoints.pin_revision(getattr(models, key), key, models.allow_pickle)
+              for key in MODEL_KEYS if getattr(models, key) is not None}
+    return dataclasses.replace(config, models=dataclasses.replace(models, **pinned))
+
+
 def preflight(config: Config) -> reader.InputInfo:
     """Every run-level check that needs no GPU: model layouts, input files and columns. Raises one-line errors."""
     models = config.models
-    for key in ("unclip", "upsampler_1024", "clip"):
+    for key in MODEL_KEYS:
         source = getattr(models, key)
         if source is not None:
             checkpoints.validate(source, key, config.storage_options, models.allow_pickle)
@@ -251,6 +260,7 @@ def generate(config: Config, *, progress=None) -> RunResult:
     """Run the whole job; returns the summary that was written last under the output path."""
     started = time.time()
     info = preflight(config)
+    config = pin_model_revisions(config)  # recorded pinned: a Hub repo that moves is a different run
     output = OutputDir(config)
     finished = output.check()
     if finished is not None and same_input(finished, info.fingerprint):

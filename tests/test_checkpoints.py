@@ -174,3 +174,44 @@ def test_max_noise_level_is_read_from_the_checkpoint_wherever_it_is(tiny_models)
         checkpoints.check_noise_level(f"memory://{root}", 101)
     memory.rm(f"{root}/model_index.json")
     assert checkpoints.max_noise_level(f"memory://{root}") == checkpoints.DEFAULT_MAX_NOISE_LEVEL == 350
+
+
+def hub_cache(root, repo: str, snapshot_of: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face Hub cache on disk, as huggingface_hub lays it out, holding a copy of a local checkpoint."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(snapshot_of, folder / "snapshots" / commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_a_hub_repo_id_loads_from_the_hub_cache_offline_and_gives_the_same_images(tiny_models, tmp_path, monkeypatch):
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.run import pin_model_revisions
+    from tests.conftest import FAST_STEPS, run_in_process
+
+    commit = hub_cache(tmp_path / "hub", "tiny-org/karlo", tiny_models["unclip"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    assert checkpoints.hub_repo("tiny-org/karlo") == ("tiny-org/karlo", "main")
+    assert checkpoints.hub_repo("tiny-org/karlo@v1") == ("tiny-org/karlo", "v1")
+    assert checkpoints.hub_repo("s3://tiny-org/karlo") is None
+
+    sets = FAST_STEPS + ["models.upsampler_1024=null", "models.clip=null"]
+    from_hub = load_config(None, sets + ["models.unclip=tiny-org/karlo"], input_path="u", output_path="u")
+    checkpoints.validate(from_hub.models.unclip, "unclip")
+    pinned = pin_model_revisions(from_hub)
+    assert pinned.models.unclip == f"tiny-org/karlo@{commit}"  # what the run records and every actor loads
+    local = dataclasses.replace(from_hub, models=dataclasses.replace(from_hub.models, unclip=tiny_models["unclip"]))
+    prompts, seeds = ["a red fox", "a blue bird"], [3, 4]
+    assert np.array_equal(run_in_process(pinned, prompts, seeds)["image"], run_in_process(local, prompts, seeds)["image"])
+
+    with pytest.raises(CheckpointError, match=r"checkpoint tiny-org/missing: Hugging Face Hub repo tiny-org/missing at "
+                                              r"revision main is not in the local Hub cache .* HF_HUB_OFFLINE is set") as info:
+        checkpoints.validate("tiny-org/missing", "unclip")
+    assert "\n" not in str(info.value)
