@@ -281,3 +281,27 @@ def test_a_run_that_fails_frees_the_cluster_for_the_next_run_in_the_same_process
                                                                   f"(free before it: {before})"
     summary = finishes_within(400, lambda: run(good, "good")).summary
     assert summary["status"] == "complete" and summary["counts"]["ok"] == 2
+
+
+def test_library_noise_is_off_unless_verbose(ray_session):
+    import logging
+
+    import ray.data
+
+    from pipeline.config import load_config
+    from pipeline.run import configure_data_context, stage_env
+
+    quiet = load_config(None, ["models.unclip=/x"], input_path="in", output_path="out")
+    loud = load_config(None, ["models.unclip=/x", "run.verbose=true"], input_path="in", output_path="out")
+    assert stage_env(quiet)["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # no weights-loading bar per actor
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in stage_env(loud)
+    context = ray.data.DataContext.get_current()
+    saved = (context.print_on_execution_start, logging.getLogger("ray.data").level)
+    try:
+        configure_data_context(verbose=False)
+        assert context.print_on_execution_start is False
+        assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
+        assert logging.getLogger("ray.data").isEnabledFor(logging.WARNING), "real warnings still show"
+    finally:
+        context.print_on_execution_start = saved[0]
+        logging.getLogger("ray.data").setLevel(saved[1])
