@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{window}already complete: {summary['output']} ({counts['ok']} ok, {counts['error']} error rows); "
               "nothing to do")
         return 0
-    made = counts.get("images_this_attempt", counts["images"])
     print(f"done: {counts['ok']} ok, {counts['error']} error, {counts['skipped']} skipped (finished earlier) "
-          f"of {counts['input_rows']} rows; {made} images made this attempt in {summary['wall_time_s']:.1f}s "
+          f"of {counts['input_rows']} rows; {counts['images_this_attempt']} images made this attempt in {summary['wall_time_s']:.1f}s "
           f"({summary['images_per_s']} images/s), {counts['images']} in the output")
     print(f"output: {summary['output']} (images, metadata/*.parquet, report.json, contact_sheet.png, _SUCCESS.json)")
     return 0

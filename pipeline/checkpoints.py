@@ -203,7 +203,11 @@ def _manifest_of(files: dict[str, tuple[Component, dict]]) -> list[dict]:
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+(@[A-Za-z0-9_./-]+)?$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 TRUE_WORDS = ("1", "true", "yes", "on")
+_COMMIT_SNAPSHOTS: dict[tuple, str] = {}
+"""Local snapshot folders of Hub commits this process already resolved: a commit never changes, so checking
+it once is enough (a branch or tag is asked again each time)."""
 
 
 def hub_repo(source: str) -> tuple[str, str] | None:
@@ -231,10 +235,13 @@ def hub_snapshot(source: str, layout_name: str, allow_pickle: bool = False) -> s
     repo, revision = hub_repo(source)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE_WORDS
     cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not when huggingface_hub was imported
+    patterns = _hub_patterns(LAYOUTS[layout_name], allow_pickle)
+    key = (repo, revision, cache, tuple(patterns))
+    if key in _COMMIT_SNAPSHOTS:
+        return _COMMIT_SNAPSHOTS[key]
     try:
-        return snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
-                                 allow_patterns=_hub_patterns(LAYOUTS[layout_name], allow_pickle),
-                                 token=os.environ.get("HF_TOKEN") or None)
+        path = snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
+                                 allow_patterns=patterns, token=os.environ.get("HF_TOKEN") or None)
     except Exception as exc:  # noqa: BLE001 - the Hub client raises many types; each is one line here
         if offline:
             raise CheckpointError(f"checkpoint {source}: Hugging Face Hub repo {repo} at revision {revision} is not "
@@ -243,15 +250,19 @@ def hub_snapshot(source: str, layout_name: str, allow_pickle: bool = False) -> s
         detail = str(exc).splitlines()[0] if str(exc) else "no detail"
         raise CheckpointError(f"checkpoint {source}: the Hugging Face Hub repo cannot be fetched "
                               f"({type(exc).__name__}: {detail}); check the repo id, the revision and HF_TOKEN") from None
+    if COMMIT.match(revision):
+        _COMMIT_SNAPSHOTS[key] = path
+    return path
 
 
 def pin_revision(source: str, layout_name: str, allow_pickle: bool = False) -> str:
     """A Hub source pinned to the commit its revision names now (`org/name@<commit hash>`), so every actor loads
     the same files and the run's recorded settings change when the repo does; other sources as they are."""
-    if hub_repo(source) is None:
+    hub = hub_repo(source)
+    if hub is None:
         return source
     commit = os.path.basename(os.path.normpath(hub_snapshot(source, layout_name, allow_pickle)))
-    return f"{hub_repo(source)[0]}@{commit}"
+    return f"{hub[0]}@{commit}"
 
 
 def validate(url: str, layout_name: str, storage_options: dict | None = None, allow_pickle: bool = False) -> None:

@@ -18,7 +18,7 @@ from pipeline.gpus import GPU_KINDS
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_FORMATS = ("files", "webdataset")
 IMAGE_FORMATS = ("png", "webp", "jpeg")
-IMAGE_FORMAT_ALIASES = {"jpg": "jpeg", "png": "png", "webp": "webp", "jpeg": "jpeg"}
+IMAGE_FORMAT_ALIASES = {"jpg": "jpeg"}
 OUTPUT_MODES = ("resume", "overwrite", "error_if_exists")
 RERANK_AT = ("decoder", "upsampler_256")
 DEFAULT_ID_COLUMN = "id"
@@ -302,8 +302,8 @@ class OutputConfig:
         _require(isinstance(self.path, str) and self.path != "",
                  "output.path is required: pass --output PATH (a directory or URL)")
         _require(self.format in OUTPUT_FORMATS, f"output.format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
-        if isinstance(self.image_format, str) and self.image_format.lower() in IMAGE_FORMAT_ALIASES:
-            self.image_format = IMAGE_FORMAT_ALIASES[self.image_format.lower()]
+        if isinstance(self.image_format, str) and self.image_format.lower() in (*IMAGE_FORMATS, *IMAGE_FORMAT_ALIASES):
+            self.image_format = IMAGE_FORMAT_ALIASES.get(self.image_format.lower(), self.image_format.lower())
         _require(self.image_format in IMAGE_FORMATS,
                  f"output.image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         _require(isinstance(self.quality, int) and 1 <= self.quality <= 100,

@@ -104,7 +104,7 @@ def _name(path: str) -> str:
 
 def part_name(path: str) -> str:
     """A metadata part's shard name: its file name without .parquet."""
-    return path.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+    return _name(path)[: -len(".parquet")]
 
 
 class OutputDir:

@@ -153,8 +153,8 @@ class ProgressPrinter:
         except Exception:  # noqa: BLE001 - the report only; the run's outputs do not depend on it
             return []
 
-    def end_actors(self) -> int:
-        """Kill every stage actor the run started; returns how many. Ray Data's shutdown only drops its
+    def end_actors(self) -> None:
+        """Kill every stage actor the run started. Ray Data's shutdown only drops its
         references to them, and after a failure something may still hold one: they would keep their CPUs and
         GPUs for as long as this process lives."""
         import ray
@@ -163,13 +163,12 @@ class ProgressPrinter:
             handles = ray.get(self.board.enlisted.remote(), timeout=30)
         except Exception as exc:  # noqa: BLE001 - the board died with the node it ran on
             log.warning("could not list the run's stage actors to end them: %s", exc)
-            return 0
+            return
         for handle in handles:
             try:
                 ray.kill(handle, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        return len(handles)
 
     def close(self) -> None:
         import ray

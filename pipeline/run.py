@@ -259,8 +259,9 @@ def resolved_compute(config: Config, stages: list[StageSpec], plan: Plan, cuda: 
 def generate(config: Config, *, progress=None) -> RunResult:
     """Run the whole job; returns the summary that was written last under the output path."""
     started = time.time()
+    # Pinned first: preflight, the record of the run and every actor then see the same commit of a Hub repo.
+    config = pin_model_revisions(config)
     info = preflight(config)
-    config = pin_model_revisions(config)  # recorded pinned: a Hub repo that moves is a different run
     output = OutputDir(config)
     finished = output.check()
     if finished is not None and same_input(finished, info.fingerprint):
