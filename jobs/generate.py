@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="output directory at any fsspec URL (output.path)")
     parser.add_argument("--preset", help="built-in model preset, e.g. 'tiny'")
     parser.add_argument("--window", help="scheduled-run window substituted for {window} in paths; 'auto' = now")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="generate only the first N input rows, to try a run (input.limit); rerun without it to "
+                             "go on with the rest in the same output")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show Ray's and the model libraries' own output (run.verbose)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.overrides + (["run.verbose=true"] if args.verbose else []),
+        config = load_config(args.config, args.overrides + (["run.verbose=true"] if args.verbose else [])
+                             + ([f"input.limit={args.limit}"] if args.limit is not None else []),
                              input_path=args.input, output_path=args.output, preset=args.preset, window=args.window)
         from pipeline.run import generate
 

@@ -258,10 +258,16 @@ class InputConfig:
     seed_column: str | None = None
     """Column of int64 per-row seeds. Unset: the column `seed` if the input has one, else seeds derive from
     the run seed and the id. Set: the input must have that column."""
+    limit: int | None = None
+    """Only the first N rows (files in sorted order, rows in file order), to try a run before the whole input;
+    ids and seeds are those the rows have in the whole input, so a later run without the limit resumes."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.path, str) and self.path != "",
                  "input.path is required: pass --input PATH (a Parquet file, directory or glob)")
+        _require(self.limit is None or (isinstance(self.limit, int) and not isinstance(self.limit, bool)
+                                        and self.limit >= 1),
+                 f"input.limit must be a whole number of rows >= 1 (or unset for every row), got {self.limit!r}")
         for key in ("prompt_column", "id_column", "seed_column"):
             value = getattr(self, key)
             _require((value is None and key != "prompt_column") or (isinstance(value, str) and value != ""),

@@ -28,7 +28,7 @@ PROBE_PREFIX = ".write-probe-"
 
 # Settings that change only speed or placement: a run may resume with different values.
 RESUME_NEUTRAL = ("batch_size", "num_gpus", "num_cpus", "replicas", "storage_options", "output.mode",
-                  "output.shard_size", "output.lease_s", "output.path", "input.path", "run.")
+                  "output.shard_size", "output.lease_s", "output.path", "input.path", "input.limit", "run.")
 WINDOW_KEY = "run.window"
 LOSSLESS_FORMATS = ("png",)
 DROPPED_WHEN_UNUSED = ("output.quality",)

@@ -33,6 +33,8 @@ class InputInfo:
     has_seed: bool
     fingerprint: str = ""
     """A hash of every file's path, size and row count: a finished run counts as finished for this input only."""
+    row_limits: dict[str, int] = field(default_factory=dict)
+    """Files read only in part (input.limit): path -> how many rows from its start."""
     groups: list[list[str]] = field(default_factory=list)
     """Files grouped by the types of the columns read: each group is read as one schema, then unioned,
     so a file whose prompt column is not a string yields error rows instead of breaking the read."""
@@ -74,7 +76,12 @@ def preflight(config: Config) -> InputInfo:
     has_id = has_seed = None
     groups: dict[tuple, list[str]] = {}
     fingerprint = hashlib.sha256()
-    for path in files:
+    row_limits: dict[str, int] = {}
+    limited = False
+    for index, path in enumerate(files):
+        if spec.limit is not None and rows >= spec.limit:
+            files, limited = files[:index], True  # the files after the limit are not read at all
+            break
         try:
             with fs.open(path, "rb") as fh:
                 parquet = pq.ParquetFile(fh)
@@ -101,10 +108,14 @@ def preflight(config: Config) -> InputInfo:
         if file_has_seed and not pa.types.is_integer(schema.field(spec.seed_name).type):
             raise InputError(f"input column '{spec.seed_name}' in {path} is {schema.field(spec.seed_name).type}, "
                              "expected int64 seeds (or rename it and set input.seed_column)")
-        rows += count
         fingerprint.update(f"{path}\t{size}\t{count}\n".encode())
+        if spec.limit is not None and rows + count > spec.limit:
+            row_limits[path], count, limited = spec.limit - rows, spec.limit - rows, True
+        rows += count
+    if limited:  # a limited run is finished only for its limit: a later run without it goes on
+        fingerprint.update(f"limit\t{spec.limit}\n".encode())
     info = InputInfo(url=spec.path, files=files, rows=rows, has_id=bool(has_id), has_seed=bool(has_seed),
-                     fingerprint=fingerprint.hexdigest(), groups=list(groups.values()))
+                     fingerprint=fingerprint.hexdigest(), row_limits=row_limits, groups=list(groups.values()))
     if info.has_id:
         _check_unique_ids(fs, files, spec.id_name)
     return info
@@ -161,6 +172,7 @@ class RowPreparer:
         self.candidates = config.rerank.candidates
         self.has_id, self.has_seed = info.has_id, info.has_seed
         self.done_ids = done_ids
+        self.row_limits = info.row_limits
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         # Arrow values as Python objects: exact ints and None. Numpy conversion would turn an int64 column
@@ -192,6 +204,8 @@ class RowPreparer:
                 status[i], errors[i] = "error", reason
         done = self._done_ids()
         keep = ~done.contains(ids) if done else np.ones(n, dtype=bool)
+        if self.row_limits:
+            keep &= self._within_limit(table)
         return {
             "id": ids[keep], "prompt": clean_prompts[keep], "status": status[keep], "error": errors[keep],
             "truncated": np.zeros(int(keep.sum()), dtype=bool), "seeds": seed_matrix[keep],
@@ -211,6 +225,18 @@ class RowPreparer:
             _FETCHED_DONE_IDS[key] = ray.get(self.done_ids)
         return _FETCHED_DONE_IDS[key]
 
+    def _within_limit(self, table: pa.Table) -> np.ndarray:
+        """Which rows lie within input.limit. A read task sees a block of some file, not row positions, so a
+        row is placed by its row hash, which Ray Data computes from the file path and the row's position."""
+        paths = np.asarray(table.column("path").to_pylist(), dtype=object)
+        hashes = table.column("row_hash").to_numpy(zero_copy_only=False)
+        keep = np.ones(table.num_rows, dtype=bool)
+        for path, first in self.row_limits.items():
+            in_file = paths == path
+            if in_file.any():
+                keep[in_file] = np.isin(hashes[in_file], _first_row_hashes(path, first))
+        return keep
+
     @staticmethod
     def _derived_id(table: pa.Table, i: int) -> str:
         return derived_id(table.column("path")[i].as_py(), table.column("row_hash")[i].as_py())
@@ -226,6 +252,13 @@ class RowPreparer:
 
 
 _FETCHED_DONE_IDS: dict[str, rowids.IdSet] = {}
+
+
+def _first_row_hashes(path: str, rows: int) -> np.ndarray:
+    """The row hashes Ray Data gives the first `rows` rows of a Parquet file it reads whole."""
+    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
+
+    return _compute_row_hashes(path, 0, rows)
 
 
 def _is_nan(value) -> bool:

@@ -318,6 +318,9 @@ def _end_streaming(dataset, stream) -> None:
 
 
 def _vanished_rows(config: Config, committed: int, rows: int) -> str:
+    if config.input.limit is not None and rows == config.input.limit:
+        return (f"{config.output.path} holds {committed} rows, more than input.limit {rows}: an earlier run "
+                "here had a higher limit or none; raise the limit (or drop it), or write to a new output path")
     return (f"{config.output.path} holds {committed} rows but the input has {rows}: {committed - rows} row(s) "
             "generated earlier are no longer in the input (removed, or changed where ids derive from row "
             "positions); restore the input, or write to a new output path (or set output.mode=overwrite)")

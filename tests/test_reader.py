@@ -183,3 +183,31 @@ def test_bad_rows_become_error_rows_and_every_row_is_accounted_once(tiny_models,
     assert len(keys) == len(set(keys))
     assert all(p.resolve().is_relative_to(output.resolve()) for p in output.rglob("*"))
     assert result.summary["counts"] == {**result.summary["counts"], "ok": 6, "error": 5, "input_rows": 11}
+
+
+def test_limit_reads_the_first_rows_with_the_ids_they_have_in_the_whole_input(ray_session, tmp_path):
+    from pipeline.reader import read_prompts
+
+    # Row groups of 2 rows: Ray Data reads the cut file in several blocks, so positions are not block-local.
+    for name, first in (("a", 0), ("b", 5), ("c", 10)):
+        pq.write_table(pa.table({"prompt": [f"p{first + i}" for i in range(5)]}), tmp_path / f"{name}.parquet",
+                       row_group_size=2)
+    whole = config(tmp_path)
+    limited = config(tmp_path, "input.limit=7")
+    full_info, info = preflight(whole), preflight(limited)
+    assert (full_info.rows, info.rows) == (15, 7)
+    assert [p.rsplit("/", 1)[1] for p in info.files] == ["a.parquet", "b.parquet"]
+    assert info.fingerprint != full_info.fingerprint  # a finished limited run is not the finished whole input
+    assert preflight(config(tmp_path, "input.limit=15")).fingerprint == full_info.fingerprint
+    rows = read_prompts(limited, info).take_all()
+    assert sorted(r["prompt"] for r in rows) == sorted(f"p{i}" for i in range(7))
+    ids_whole = {r["prompt"]: r["id"] for r in read_prompts(whole, full_info).take_all()}
+    assert all(r["id"] == ids_whole[r["prompt"]] for r in rows)
+
+
+@pytest.mark.parametrize("value", [0, -3, "ten", True])
+def test_a_limit_is_a_positive_row_count(tmp_path, value):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"input.limit must be a whole number of rows >= 1"):
+        config(write_prompts(tmp_path / "a.parquet", ["x"]), f"input.limit={value}")
