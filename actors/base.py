@@ -120,13 +120,14 @@ class StageActor:
     # ------------------------------------------------------------ helpers for subclasses
 
     def checkpoint(self, source_key: str) -> str:
+        """This node's local copy of the model source `models.<source_key>`, in the layout this run reads."""
         models = self.config.models
-        return checkpoints.local_dir(getattr(models, source_key), source_key, self.config.storage_options,
-                                     models.allow_pickle)
+        return checkpoints.local_dir(getattr(models, source_key), self.config.model_layouts()[source_key],
+                                     self.config.storage_options, models.allow_pickle)
 
-    def load_component(self, path: str, layout: str, component: str):
-        return checkpoints.load(path, layout, component, torch_dtype=self.dtype, device=self.device,
-                                allow_pickle=self.config.models.allow_pickle)
+    def load_component(self, path: str, source_key: str, component: str):
+        return checkpoints.load(path, self.config.model_layouts()[source_key], component, torch_dtype=self.dtype,
+                                device=self.device, allow_pickle=self.config.models.allow_pickle)
 
     def tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype or self.dtype)

@@ -14,7 +14,10 @@ TEXT_INPUTS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "unco
 
 def unclip_guidance(config) -> bool:
     """Whether the prior, the text projection and the decoder use classifier-free guidance: decided once from
-    both scales, as UnCLIPPipeline does, so a scale <= 1 still guides when the other stage's scale is > 1."""
+    both scales, as UnCLIPPipeline does, so a scale <= 1 still guides when the other stage's scale is > 1. The
+    image modes have no prior, and decide from the decoder's scale, as UnCLIPImageVariationPipeline does."""
+    if config.image_mode:
+        return config.stages.decoder.guidance_scale > 1.0
     return config.stages.prior.guidance_scale > 1.0 or config.stages.decoder.guidance_scale > 1.0
 
 

@@ -16,6 +16,17 @@ def prompt_batch(prompts: list[str], seeds) -> dict[str, np.ndarray]:
             "truncated": np.zeros(n, dtype=bool), "seeds": np.asarray(seeds, dtype=np.int64).reshape(n, -1)}
 
 
+def image_batch(images: list, seeds, prompts: list[str] | None = None, **columns) -> dict[str, np.ndarray]:
+    """Image-mode rows as the reader makes them: each row's image value (bytes, a path, or None) in `image`."""
+    batch = prompt_batch(prompts if prompts is not None else [""] * len(images), seeds)
+    for name, values in {"image": images, **columns}.items():
+        column = np.empty(len(values), dtype=object)
+        for i, value in enumerate(values):
+            column[i] = value
+        batch[name] = column
+    return batch
+
+
 def run_stages(config: Config, batch: dict[str, np.ndarray], *, stop_after: str | None = None,
                use_gpu: bool = False, actors: dict | None = None) -> dict[str, np.ndarray]:
     """Each stage actor in order on one batch, in this process. `actors` caches them across calls."""

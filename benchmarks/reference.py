@@ -1,15 +1,19 @@
-"""The diffusers baseline: UnCLIPPipeline + StableDiffusionUpscalePipeline on the same checkpoints, loaded
+"""The diffusers baseline: UnCLIPPipeline (UnCLIPImageVariationPipeline for variations) + StableDiffusionUpscalePipeline
+on the same checkpoints, loaded
 component by component with diffusers/transformers directly (not through our loader). Tests use it as the
 exactness oracle and `benchmarks.bench --tiny` as the speed baseline."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 from diffusers import (PriorTransformer, StableDiffusionUpscalePipeline, UnCLIPPipeline, UnCLIPScheduler,
                        UNet2DConditionModel, UNet2DModel)
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers.pipelines.deprecated.unclip.pipeline_unclip_image_variation import UnCLIPImageVariationPipeline
+from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 
 
@@ -28,6 +32,17 @@ class Reference:
             super_res_scheduler=sub(UnCLIPScheduler, "super_res_scheduler"),
         )
         self.unclip.set_progress_bar_config(disable=True)
+        self.variations = None
+        if os.path.isdir(os.path.join(unclip_dir, "image_encoder")):
+            parts = self.unclip.components
+            self.variations = UnCLIPImageVariationPipeline(
+                decoder=parts["decoder"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                text_proj=parts["text_proj"], feature_extractor=sub(CLIPImageProcessor, "feature_extractor"),
+                image_encoder=sub(CLIPVisionModelWithProjection, "image_encoder"),
+                super_res_first=parts["super_res_first"], super_res_last=parts["super_res_last"],
+                decoder_scheduler=parts["decoder_scheduler"], super_res_scheduler=parts["super_res_scheduler"],
+            )
+            self.variations.set_progress_bar_config(disable=True)
         self.upscaler = None
         if upscaler_dir is not None:
             self.upscaler = StableDiffusionUpscalePipeline.from_pretrained(upscaler_dir)
@@ -48,3 +63,22 @@ class Reference:
                                   generator=generator, num_inference_steps=upscale_steps,
                                   guidance_scale=upscale_guidance, noise_level=noise_level, output_type="np").images
         return (image[0] * 255).round().astype(np.uint8)
+
+    def variation(self, seed: int, *, image=None, image_embeddings=None, decoder_steps: int, super_res_steps: int,
+                  decoder_guidance: float = 8.0, upscale_steps: int | None = None, upscale_guidance: float = 9.0,
+                  noise_level: int = 20) -> np.ndarray:
+        """uint8 HWC variation of one PIL image (or of a raw CLIP image embedding) for one seed; the x4 upscaler,
+        if asked, continues the same generator with the empty prompt."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        if image_embeddings is not None:
+            image_embeddings = torch.as_tensor(np.asarray(image_embeddings, np.float32)).reshape(1, -1)
+        image_out = self.variations(image=image, image_embeddings=image_embeddings, generator=generator,
+                                    decoder_num_inference_steps=decoder_steps,
+                                    super_res_num_inference_steps=super_res_steps,
+                                    decoder_guidance_scale=decoder_guidance, output_type="np").images
+        if upscale_steps is not None:
+            image_out = self.upscaler(prompt="", image=torch.from_numpy(image_out).permute(0, 3, 1, 2),
+                                      generator=generator, num_inference_steps=upscale_steps,
+                                      guidance_scale=upscale_guidance, noise_level=noise_level,
+                                      output_type="np").images
+        return (image_out[0] * 255).round().astype(np.uint8)

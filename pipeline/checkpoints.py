@@ -44,18 +44,33 @@ class Layout:
     components: dict[str, Component]
 
 
-UNCLIP = Layout("Karlo unCLIP diffusers layout", {
+_DECODING = {
     "tokenizer": Component("tokenizer", TOKENIZER, "transformers.CLIPTokenizer"),
     "text_encoder": Component("text_encoder", TRANSFORMERS_MODEL, "transformers.CLIPTextModelWithProjection"),
-    "prior": Component("prior", DIFFUSERS_MODEL, "diffusers.PriorTransformer"),
     "text_proj": Component("text_proj", DIFFUSERS_MODEL,
                            "diffusers.pipelines.deprecated.unclip.text_proj.UnCLIPTextProjModel"),
     "decoder": Component("decoder", DIFFUSERS_MODEL, "diffusers.UNet2DConditionModel"),
     "super_res_first": Component("super_res_first", DIFFUSERS_MODEL, "diffusers.UNet2DModel"),
     "super_res_last": Component("super_res_last", DIFFUSERS_MODEL, "diffusers.UNet2DModel"),
-    "prior_scheduler": Component("prior_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
     "decoder_scheduler": Component("decoder_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
     "super_res_scheduler": Component("super_res_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
+}
+"""What every mode decodes with: Karlo's text encoder (its '' encoding conditions the image modes), text
+projection, decoder and 256px super-resolution pair."""
+UNCLIP = Layout("Karlo unCLIP diffusers layout", {
+    **_DECODING,
+    "prior": Component("prior", DIFFUSERS_MODEL, "diffusers.PriorTransformer"),
+    "prior_scheduler": Component("prior_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
+})
+UNCLIP_IMAGE = Layout("Karlo image-variations diffusers layout", {
+    **_DECODING,
+    "image_encoder": Component("image_encoder", TRANSFORMERS_MODEL, "transformers.CLIPVisionModelWithProjection"),
+    "feature_extractor": Component("feature_extractor", IMAGE_PROCESSOR, "transformers.AutoImageProcessor"),
+})
+UNCLIP_DECODING = Layout("Karlo unCLIP diffusers layout (decoder part)", _DECODING)
+IMAGE_ENCODER = Layout("CLIP image encoder layout (CLIPVisionModelWithProjection or CLIPModel)", {
+    "image_encoder": Component("", TRANSFORMERS_MODEL, "transformers.CLIPVisionModelWithProjection"),
+    "feature_extractor": Component("", IMAGE_PROCESSOR, "transformers.AutoImageProcessor"),
 })
 
 UPSCALER = Layout("x4 upscaler diffusers layout", {
@@ -73,7 +88,8 @@ CLIP = Layout("CLIPModel layout", {
     "image_processor": Component("", IMAGE_PROCESSOR, "transformers.AutoImageProcessor"),
 })
 
-LAYOUTS = {"unclip": UNCLIP, "upsampler_1024": UPSCALER, "clip": CLIP}
+LAYOUTS = {"unclip": UNCLIP, "unclip_image": UNCLIP_IMAGE, "unclip_decoding": UNCLIP_DECODING,
+           "upsampler_1024": UPSCALER, "clip": CLIP, "image_encoder": IMAGE_ENCODER}
 
 _WEIGHT_STEMS = {DIFFUSERS_MODEL: ("diffusion_pytorch_model", "diffusion_pytorch_model"),
                  TRANSFORMERS_MODEL: ("model", "pytorch_model")}

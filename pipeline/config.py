@@ -23,6 +23,11 @@ OUTPUT_MODES = ("resume", "overwrite", "error_if_exists")
 RERANK_AT = ("decoder", "upsampler_256")
 DEFAULT_ID_COLUMN = "id"
 DEFAULT_SEED_COLUMN = "seed"
+MODES = ("text", "variation")
+"""What a run decodes: `text` samples image embeddings from prompts with the prior; `variation` takes them
+from images with the CLIP image encoder (DALL-E 2's variations)."""
+IMAGE_EMBEDDING_COLUMN = "image_embedding"
+"""Optional input column of an image mode: a raw CLIP image embedding (list<float>) used instead of the image."""
 
 
 class ConfigError(ValueError):
@@ -174,6 +179,14 @@ class RerankerStageConfig(StageConfig):
 
 
 @dataclass
+class ImageEncoderStageConfig(StageConfig):
+    """CLIP image encoder of the image modes: fetches and decodes each row's image and embeds it once."""
+
+    _stage_name = "image_encoder"
+    auto_batch = 32
+
+
+@dataclass
 class StagesConfig:
     """Per-stage settings, keyed by stage name."""
 
@@ -183,6 +196,7 @@ class StagesConfig:
     upsampler_256: Upsampler256StageConfig = field(default_factory=Upsampler256StageConfig)
     upsampler_1024: Upsampler1024StageConfig = field(default_factory=Upsampler1024StageConfig)
     reranker: RerankerStageConfig = field(default_factory=RerankerStageConfig)
+    image_encoder: ImageEncoderStageConfig = field(default_factory=ImageEncoderStageConfig)
 
 
 STAGE_NAMES = tuple(f.name for f in dataclasses.fields(StagesConfig))
@@ -200,13 +214,17 @@ class ModelsConfig:
     """x4 upscaler layout (stabilityai/stable-diffusion-x4-upscaler snapshot); null stops at 256px."""
     clip: str | None = None
     """CLIPModel layout (openai/clip-vit-large-patch14 snapshot) for reranking; null records no scores."""
+    image_encoder: str | None = None
+    """Image modes: a CLIPVisionModelWithProjection or CLIPModel snapshot with its preprocessor config (e.g.
+    openai/clip-vit-large-patch14) to embed images; null: the `image_encoder/` and `feature_extractor/` of
+    models.unclip (a kakaobrain/karlo-v1-alpha-image-variations snapshot)."""
     allow_pickle: bool = False
     """Load pickle (.bin/.ckpt) weights when a component has no safetensors. Only for checkpoints you trust."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.unclip, str) and self.unclip != "",
                  "models.unclip is required: a Karlo-layout checkpoint directory or URL (or use --preset tiny)")
-        for key in ("upsampler_1024", "clip"):
+        for key in ("upsampler_1024", "clip", "image_encoder"):
             value = getattr(self, key)
             _require(value is None or (isinstance(value, str) and value != ""),
                      f"models.{key} must be a checkpoint directory/URL or null, got {value!r}")
@@ -258,6 +276,8 @@ class InputConfig:
     seed_column: str | None = None
     """Column of int64 per-row seeds. Unset: the column `seed` if the input has one, else seeds derive from
     the run seed and the id. Set: the input must have that column."""
+    image_column: str = "image"
+    """Image modes: the column holding each row's image, as encoded bytes or a path / fsspec URL to one."""
     limit: int | None = None
     """Only the first N rows (files in sorted order, rows in file order), to try a run before the whole input;
     ids and seeds are those the rows have in the whole input, so a later run without the limit resumes."""
@@ -268,7 +288,7 @@ class InputConfig:
         _require(self.limit is None or (isinstance(self.limit, int) and not isinstance(self.limit, bool)
                                         and self.limit >= 1),
                  f"input.limit must be a whole number of rows >= 1 (or unset for every row), got {self.limit!r}")
-        for key in ("prompt_column", "id_column", "seed_column"):
+        for key in ("prompt_column", "id_column", "seed_column", "image_column"):
             value = getattr(self, key)
             _require((value is None and key != "prompt_column") or (isinstance(value, str) and value != ""),
                      f"input.{key} must be a column name, got {value!r}")
@@ -374,6 +394,9 @@ class Config:
     output: OutputConfig
     preset: str | None = None
     """'tiny' fills unset model sources with tiny seeded checkpoints built in code."""
+    mode: str = "text"
+    """What the images are decoded from: `text` (prompts, through the prior) or `variation` (the CLIP image
+    embedding of each row's image)."""
     stages: StagesConfig = field(default_factory=StagesConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -389,6 +412,7 @@ class Config:
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
                  f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(isinstance(self.storage_options, dict), "storage_options must be a mapping of fsspec options")
         try:  # scheduled runs: both paths are templated by the resolved window
             self.input.path = window.fill(self.input.path, "input.path", self.run.window)
@@ -398,6 +422,22 @@ class Config:
         _require(self.rerank.candidates == self.rerank.keep or self.models.clip is not None,
                  f"rerank.candidates={self.rerank.candidates} > rerank.keep={self.rerank.keep} needs models.clip "
                  "(a CLIPModel checkpoint) to score candidates")
+
+    @property
+    def image_mode(self) -> bool:
+        """Images are decoded from the CLIP embeddings of input images, not from prompts."""
+        return self.mode != "text"
+
+    def model_layouts(self) -> dict[str, str]:
+        """Each model source that is set, mapped to the checkpoint layout this run reads from it: the text mode
+        needs the Karlo prior, the image modes an image encoder (inside models.unclip unless given apart)."""
+        unclip = "unclip"
+        if self.image_mode:
+            unclip = "unclip_decoding" if self.models.image_encoder is not None else "unclip_image"
+        layouts = {"unclip": unclip, "upsampler_1024": "upsampler_1024", "clip": "clip"}
+        if self.image_mode:
+            layouts["image_encoder"] = "image_encoder"
+        return {key: layout for key, layout in layouts.items() if getattr(self.models, key) is not None}
 
 
 # ---------------------------------------------------------------- presets

@@ -439,6 +439,13 @@ def run_clip_text(model):
         input_ids=_meta_tensor(1, model.config.text_config.max_position_embeddings, dtype=torch.long))
 
 
+def run_image_encoder(model):
+    """CLIPVisionModelWithProjection on one image at its resolution (the image modes' encoder)."""
+    cfg = model.config
+    return model(pixel_values=_meta_tensor(1, cfg.num_channels, cfg.image_size, cfg.image_size,
+                                           dtype=model.dtype)).image_embeds
+
+
 def run_clip_image(model):
     """CLIPModel's vision tower and projection on one image at the tower's resolution."""
     vision = model.config.vision_config
@@ -541,13 +548,17 @@ class UnclipSettings:
     upsampler_1024_steps: int = 75
     upsampler_1024_guidance_scale: float = 9.0
     best_of: int = 1
+    image_mode: bool = False
+    """Embeddings come from input images (no prior): guidance is decided by the decoder's scale alone."""
     dtypes: dict[str, str] = field(default_factory=dict)
     """Per stage; a missing stage computes in fp16."""
 
     @property
     def unclip_guidance(self) -> bool:
         """Prior, text projection and decoder use guidance when either scale asks for it, decided once for the
-        three as diffusers' UnCLIPPipeline does."""
+        three as diffusers' UnCLIPPipeline does (the image modes: the decoder's scale)."""
+        if self.image_mode:
+            return self.decoder_guidance_scale > 1
         return self.prior_guidance_scale > 1 or self.decoder_guidance_scale > 1
 
     def dtype(self, stage: str) -> str:
@@ -562,14 +573,19 @@ def unclip_works(models: dict[str, ModelConfig], settings: UnclipSettings) -> di
     extra_tokens = models["text_proj"].config.get("clip_extra_context_tokens", 4)
     dtype = settings.dtype
     works = {
-        # One prompt per row: the unconditional encoding is computed once when the actor loads.
-        "text_encoder": [text_tower_work("text_encoder", models["text_encoder"], dtype("text_encoder"))],
-        # best_of samples run inside the same forwards: m x the FLOPs and activations, the same launches.
-        "prior": [prior_work(models["prior"], dtype("prior"), settings.prior_steps, guided * settings.best_of)],
         "decoder": [text_proj_work(models["text_proj"], dtype("decoder"), settings.unclip_guidance, text_tokens),
                     decoder_unet_work(models["decoder"], dtype("decoder"), settings.decoder_steps, guided,
                                       text_tokens + extra_tokens)],
     }
+    if "image_encoder" in models:
+        # One image per row; the '' text encoding is computed once when the actor loads (weights held, then freed).
+        works["image_encoder"] = [model_work("image_encoder", models["image_encoder"], dtype("image_encoder"),
+                                             run_image_encoder)]
+    else:
+        # One prompt per row: the unconditional encoding is computed once when the actor loads.
+        works["text_encoder"] = [text_tower_work("text_encoder", models["text_encoder"], dtype("text_encoder"))]
+        # best_of samples run inside the same forwards: m x the FLOPs and activations, the same launches.
+        works["prior"] = [prior_work(models["prior"], dtype("prior"), settings.prior_steps, guided * settings.best_of)]
     size = models["super_res_first"].config["sample_size"]
     # super_res_first for every step but the last, super_res_last for the last (both loaded).
     works["upsampler_256"] = [
@@ -754,17 +770,25 @@ def checkpoint_models(config) -> dict[str, ModelConfig]:
     """The run's components, from their config.json files only (through pipeline.checkpoints / storage)."""
     from pipeline import checkpoints, storage
 
+    layouts = config.model_layouts()
+
     def component(source_key: str, name: str) -> ModelConfig:
         source = getattr(config.models, source_key)
-        part = checkpoints.LAYOUTS[source_key].components[name]
+        part = checkpoints.LAYOUTS[layouts[source_key]].components[name]
         if source.startswith(checkpoints.TINY_SCHEME):
-            source = checkpoints.local_dir(source, source_key)
+            source = checkpoints.local_dir(source, layouts[source_key])
         fs, root = storage.filesystem(source, config.storage_options)
         path = storage.join(root, *([part.subfolder] if part.subfolder else []), "config.json")
-        return ModelConfig(checkpoints._import(part.cls), json.loads(storage.read_bytes(fs, path)))
+        values = json.loads(storage.read_bytes(fs, path))
+        if name == "image_encoder" and "vision_config" in values:  # a CLIPModel snapshot: its vision tower
+            values = values["vision_config"]
+        return ModelConfig(checkpoints._import(part.cls), values)
 
-    models = {name: component("unclip", name)
-              for name in ("text_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last")}
+    names = ["text_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"]
+    models = {name: component("unclip", name) for name in names + ([] if config.image_mode else ["prior"])}
+    if config.image_mode:
+        models["image_encoder"] = component("image_encoder" if "image_encoder" in layouts else "unclip",
+                                            "image_encoder")
     if config.models.upsampler_1024 is not None:
         models.update(x4_unet=component("upsampler_1024", "unet"), x4_vae=component("upsampler_1024", "vae"),
                       x4_text_encoder=component("upsampler_1024", "text_encoder"))
@@ -782,6 +806,7 @@ def run_settings(config) -> UnclipSettings:
         decoder_steps=stages.decoder.steps, decoder_guidance_scale=stages.decoder.guidance_scale,
         super_res_steps=stages.upsampler_256.steps, upsampler_1024_steps=stages.upsampler_1024.steps,
         upsampler_1024_guidance_scale=stages.upsampler_1024.guidance_scale, best_of=config.prior.best_of,
+        image_mode=config.image_mode,
         dtypes={name: compute_dtype(config, name, "cuda") for name in STAGE_NAMES})
 
 

@@ -56,13 +56,17 @@ class StageSpec:
         return STAGE_ACTORS[self.name]
 
 
-def stage_specs(config: Config) -> list[StageSpec]:
-    """The ordered stages of a run, derived from the config (reranker position, whether 1024 runs)."""
+def stage_specs(config: Config, has_prompts: bool = True) -> list[StageSpec]:
+    """The ordered stages of a run, derived from the config (mode, reranker position, whether 1024 runs).
+    Without prompts (an image-mode input with no prompt column) nothing is reranked: every candidate is kept."""
     n, k = config.rerank.candidates, config.rerank.keep
     has_1024 = config.models.upsampler_1024 is not None
-    rerank = config.models.clip is not None
+    rerank = config.models.clip is not None and has_prompts
     after_256 = "image_256" if has_1024 else "image"
-    stages = [StageSpec("text_encoder", 1), StageSpec("prior", n), StageSpec("decoder", n)]
+    if config.image_mode:
+        stages = [StageSpec("image_encoder", 1), StageSpec("decoder", n)]
+    else:
+        stages = [StageSpec("text_encoder", 1), StageSpec("prior", n), StageSpec("decoder", n)]
     if rerank and config.rerank.at == "decoder":
         stages.append(StageSpec("reranker", n, options={"column": "image_64"}))
     per_row = k if rerank and config.rerank.at == "decoder" else n

@@ -6,7 +6,7 @@ import json
 import os
 
 # Bump when any tiny architecture or seed changes, so node caches rebuild instead of serving stale weights.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 TEXT_WIDTH = 32  # CLIP text hidden size = prior embedding dim in the tiny models
 MAX_TOKENS = 77  # as real CLIP, so prompt truncation behaves as with real checkpoints
@@ -71,8 +71,34 @@ def _text_config(tokenizer, hidden: int, layers: int):
     )
 
 
+def _tiny_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=2,
+                            num_attention_heads=4, image_size=32, patch_size=8, projection_dim=TEXT_WIDTH)
+
+
+def _tiny_image_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def build_tiny_image_encoder(directory: str) -> None:
+    """Karlo image-variations parts: a CLIPVisionModelWithProjection whose projection matches the text
+    projection (so its embeddings decode), and its CLIPImageProcessor."""
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(6)
+    CLIPVisionModelWithProjection(_tiny_vision_config()).save_pretrained(os.path.join(directory, "image_encoder"),
+                                                                          safe_serialization=True)
+    _tiny_image_processor().save_pretrained(os.path.join(directory, "feature_extractor"))
+
+
 def build_tiny_unclip(directory: str) -> None:
-    """Karlo layout: text encoder, prior, text_proj, 16px decoder, 64px super-res pair, three UnCLIP schedulers."""
+    """Karlo layout: text encoder, prior, text_proj, 16px decoder, 64px super-res pair, three UnCLIP schedulers;
+    plus the image-variations snapshot's image encoder and feature extractor, so one folder serves every mode."""
     import torch
     from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
@@ -121,6 +147,7 @@ def build_tiny_unclip(directory: str) -> None:
     )
     pipe.save_pretrained(directory, safe_serialization=True)
     write_tiny_tokenizer(os.path.join(directory, "tokenizer"))  # keep vocab.json/merges.txt as Karlo ships them
+    build_tiny_image_encoder(directory)
 
 
 def build_tiny_upsampler_1024(directory: str) -> None:
@@ -163,17 +190,16 @@ def build_tiny_upsampler_1024(directory: str) -> None:
 def build_tiny_clip(directory: str) -> None:
     """CLIPModel layout: text + vision towers, tokenizer and image processor in one directory."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     tokenizer = _tokenizer(directory)
     text = _text_config(tokenizer, TEXT_WIDTH, layers=2)
-    vision = CLIPVisionConfig(hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=TEXT_WIDTH)
+    vision = _tiny_vision_config()
     torch.manual_seed(20)
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=TEXT_WIDTH))
     model.save_pretrained(directory, safe_serialization=True)
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_processor=_tiny_image_processor(),
         tokenizer=tokenizer,
     )
     processor.save_pretrained(directory)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import rowids, seeds, storage
-from pipeline.config import Config
+from pipeline.config import IMAGE_EMBEDDING_COLUMN, Config
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -31,6 +31,10 @@ class InputInfo:
     rows: int
     has_id: bool
     has_seed: bool
+    has_prompt: bool = True
+    """The input has the prompt column (optional in the image modes, where it is only a caption to rerank by)."""
+    image_columns: list[str] = field(default_factory=list)
+    """Image modes: the image and image-embedding columns the input has."""
     fingerprint: str = ""
     """A hash of every file's path, size and row count: a finished run counts as finished for this input only."""
     row_limits: dict[str, int] = field(default_factory=dict)
@@ -73,7 +77,7 @@ def preflight(config: Config) -> InputInfo:
     spec = config.input
     fs, files = _resolve_files(spec.path, config.storage_options)
     rows = 0
-    has_id = has_seed = None
+    has_id = has_seed = has_prompt = image_columns = None
     groups: dict[tuple, list[str]] = {}
     fingerprint = hashlib.sha256()
     row_limits: dict[str, int] = {}
@@ -91,14 +95,24 @@ def preflight(config: Config) -> InputInfo:
             raise InputError(f"input file {path} is not a readable Parquet file ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
         names = schema.names
-        if spec.prompt_column not in names:
+        if spec.prompt_column not in names and not config.image_mode:
             raise InputError(f"input file {path} has no column '{spec.prompt_column}' (columns: "
                              f"{', '.join(names) or 'none'}); set input.prompt_column to the prompt column")
+        file_images = _image_columns(config, path, schema) if config.image_mode else []
+        if image_columns is not None and file_images != image_columns:
+            raise InputError(f"input file {path} differs from the others in its image columns "
+                             f"({', '.join(file_images) or 'none'} vs {', '.join(image_columns) or 'none'})")
+        image_columns = file_images
+        file_has_prompt = spec.prompt_column in names
+        if has_prompt is not None and file_has_prompt != has_prompt:
+            raise InputError(f"input file {path} differs from the others in having a '{spec.prompt_column}' "
+                             "column; every file needs the same columns")
+        has_prompt = file_has_prompt
         for key, column in (("id_column", spec.id_column), ("seed_column", spec.seed_column)):
             if column is not None and column not in names:  # named on purpose: never silently derived instead
                 raise InputError(f"input file {path} has no column '{column}' set as input.{key} (columns: "
                                  f"{', '.join(names)}); name an existing column, or unset input.{key} to derive it")
-        read = [c for c in (spec.prompt_column, spec.id_name, spec.seed_name) if c in names]
+        read = [c for c in (spec.prompt_column, spec.id_name, spec.seed_name, *file_images) if c in names]
         groups.setdefault(tuple(str(schema.field(c).type) for c in read), []).append(path)
         file_has_id, file_has_seed = spec.id_name in names, spec.seed_name in names
         if has_id is not None and (file_has_id != has_id or file_has_seed != has_seed):
@@ -115,10 +129,39 @@ def preflight(config: Config) -> InputInfo:
     if limited:  # a limited run is finished only for its limit: a later run without it goes on
         fingerprint.update(f"limit\t{spec.limit}\n".encode())
     info = InputInfo(url=spec.path, files=files, rows=rows, has_id=bool(has_id), has_seed=bool(has_seed),
+                     has_prompt=bool(has_prompt), image_columns=image_columns or [],
                      fingerprint=fingerprint.hexdigest(), row_limits=row_limits, groups=list(groups.values()))
+    if (config.image_mode and not info.has_prompt and config.models.clip is not None
+            and config.rerank.keep < config.rerank.candidates):
+        raise InputError(f"rerank.keep={config.rerank.keep} < rerank.candidates={config.rerank.candidates}, but the "
+                         f"input has no '{spec.prompt_column}' column to rerank {config.mode} candidates by; add "
+                         "captions, or set rerank.keep to rerank.candidates to keep every candidate")
     if info.has_id:
         _check_unique_ids(fs, files, spec.id_name)
     return info
+
+
+def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
+    """The image and image-embedding columns of one file of an image-mode input, checked."""
+    spec, names = config.input, schema.names
+    found = [c for c in (spec.image_column, IMAGE_EMBEDDING_COLUMN) if c in names]
+    if not found:
+        raise InputError(f"input file {path} has no column '{spec.image_column}' (columns: {', '.join(names)}); "
+                         f"{config.mode} mode needs each row's image as bytes or a path / URL (set "
+                         f"input.image_column), or its CLIP embedding in '{IMAGE_EMBEDDING_COLUMN}'")
+    if spec.image_column in names:
+        kind = schema.field(spec.image_column).type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
+                or pa.types.is_large_string(kind)):
+            raise InputError(f"input column '{spec.image_column}' in {path} is {kind}, expected encoded image "
+                             "bytes (binary) or paths / URLs (string)")
+    if IMAGE_EMBEDDING_COLUMN in names:
+        kind = schema.field(IMAGE_EMBEDDING_COLUMN).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
+                or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+            raise InputError(f"input column '{IMAGE_EMBEDDING_COLUMN}' in {path} is {kind}, expected a list of "
+                             "floats (a raw CLIP image embedding)")
+    return found
 
 
 def _check_unique_ids(fs, files: list[str], column: str) -> None:
@@ -171,6 +214,8 @@ class RowPreparer:
         self.run_seed = config.seed
         self.candidates = config.rerank.candidates
         self.has_id, self.has_seed = info.has_id, info.has_seed
+        self.has_prompt, self.image_columns = info.has_prompt, info.image_columns
+        self.image_mode = config.image_mode
         self.done_ids = done_ids
         self.row_limits = info.row_limits
 
@@ -178,7 +223,7 @@ class RowPreparer:
         # Arrow values as Python objects: exact ints and None. Numpy conversion would turn an int64 column
         # holding a null into float64, rounding seeds above 2^53 and writing integer ids as "12.0".
         n = table.num_rows
-        prompts = table.column(self.spec.prompt_column).to_pylist()
+        prompts = table.column(self.spec.prompt_column).to_pylist() if self.has_prompt else [""] * n
         raw_ids = table.column(self.spec.id_name).to_pylist() if self.has_id else [None] * n
         raw_seeds = table.column(self.spec.seed_name).to_pylist() if self.has_seed else [None] * n
         ids = np.empty(n, dtype=object)
@@ -191,7 +236,8 @@ class RowPreparer:
         row_seed_known = np.zeros(n, dtype=bool)
         clean_prompts = np.empty(n, dtype=object)
         for i, value in enumerate(prompts):
-            reason = validate_prompt(value)
+            # In the image modes a prompt is only a caption (to rerank by); a missing one is the empty caption.
+            reason = None if self.image_mode else validate_prompt(value)
             clean_prompts[i] = value if isinstance(value, str) else ("" if value is None else str(value))
             base, seed_problem = self._base_seed(raw_seeds[i], ids[i])
             if seed_problem is None:
@@ -210,6 +256,7 @@ class RowPreparer:
             "id": ids[keep], "prompt": clean_prompts[keep], "status": status[keep], "error": errors[keep],
             "truncated": np.zeros(int(keep.sum()), dtype=bool), "seeds": seed_matrix[keep],
             "row_seed": row_seed[keep], "row_seed_known": row_seed_known[keep],
+            **{column: _objects(table.column(column).to_pylist())[keep] for column in self.image_columns},
         }
 
     def _done_ids(self) -> rowids.IdSet | None:
@@ -261,6 +308,14 @@ def _first_row_hashes(path: str, rows: int) -> np.ndarray:
     return _compute_row_hashes(path, 0, rows)
 
 
+def _objects(values: list) -> np.ndarray:
+    """A 1-D object array of Python values (lists stay lists, not a 2-D array)."""
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        array[i] = value
+    return array
+
+
 def _is_nan(value) -> bool:
     return isinstance(value, float) and value != value
 
@@ -272,7 +327,8 @@ def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: fl
     import ray.data
 
     fs, _ = storage.filesystem(info.url, config.storage_options)
-    columns = [config.input.prompt_column]
+    columns = [config.input.prompt_column] if info.has_prompt else []
+    columns += info.image_columns
     if info.has_id:
         columns.append(config.input.id_name)
     if info.has_seed:

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 TASKS_IN_FLIGHT_PER_ACTOR = 2
 """One batch running, one queued: actors never wait on the scheduler, and none hoards the last batches."""
 MIN_ACTORS_WAIT_S = 900
-MODEL_KEYS = ("unclip", "upsampler_1024", "clip")
 PACKAGES = ("ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec", "s3fs", "unclip-ray")
 
 
@@ -71,18 +70,16 @@ class RunResult:
 def pin_model_revisions(config: Config) -> Config:
     """The config with every Hugging Face Hub source pinned to the commit its revision names now."""
     models = config.models
-    pinned = {key: checkpoints.pin_revision(getattr(models, key), key, models.allow_pickle)
-              for key in MODEL_KEYS if getattr(models, key) is not None}
+    pinned = {key: checkpoints.pin_revision(getattr(models, key), layout, models.allow_pickle)
+              for key, layout in config.model_layouts().items()}
     return dataclasses.replace(config, models=dataclasses.replace(models, **pinned))
 
 
 def preflight(config: Config) -> reader.InputInfo:
     """Every run-level check that needs no GPU: model layouts, input files and columns. Raises one-line errors."""
     models = config.models
-    for key in MODEL_KEYS:
-        source = getattr(models, key)
-        if source is not None:
-            checkpoints.validate(source, key, config.storage_options, models.allow_pickle)
+    for key, layout in config.model_layouts().items():
+        checkpoints.validate(getattr(models, key), layout, config.storage_options, models.allow_pickle)
     if models.upsampler_1024 is not None:
         checkpoints.check_noise_level(models.upsampler_1024, config.stages.upsampler_1024.noise_level,
                                       config.storage_options)
@@ -270,7 +267,7 @@ def generate(config: Config, *, progress=None) -> RunResult:
 
     connect_ray(config.run.verbose)
     configure_data_context(config.run.verbose)
-    stages = stage_specs(config)
+    stages = stage_specs(config, info.has_prompt)
     # The output first: a second driver on it refuses at once instead of waiting for GPUs the first one holds.
     attempt = output.acquire()
     try:

@@ -1,0 +1,84 @@
+"""Source images of the image modes: encoded bytes or a path / fsspec URL in; an RGB image or a one-line reason out."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from pipeline import storage
+
+MAX_PIXELS = 64_000_000
+"""Larger images are refused before they are decoded: a small file can decode to gigabytes (a decompression bomb)."""
+
+
+def _detail(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else "no detail"
+    return f"{type(exc).__name__}: {text}"
+
+
+def fetch(value, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+    """(the encoded image, None), or (None, why it cannot be had)."""
+    if value is None:
+        return None, "image is null"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data, where = bytes(value), "image bytes"
+    elif isinstance(value, str):
+        if not value.strip():
+            return None, "image path is empty"
+        try:
+            fs, path = storage.filesystem(value, storage_options)
+            data = storage.read_bytes(fs, path)
+        except FileNotFoundError:
+            return None, f"image {value} does not exist"
+        except Exception as exc:  # noqa: BLE001 - every backend's error is this row's reason, not the run's
+            return None, f"image {value} cannot be read ({_detail(exc)})"
+        where = f"image {value}"
+    else:
+        return None, f"image is {type(value).__name__}, expected encoded image bytes or a path / URL to an image"
+    if not data:
+        return None, f"{where} is empty (0 bytes)"
+    return data, None
+
+
+def decode(data: bytes, where: str = "image") -> tuple[Image.Image | None, str | None]:
+    """(the image as RGB, None), or (None, why it cannot be decoded). Pixels as stored: no EXIF rotation."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below instead
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    return None, (f"{where} is {width}x{height}, more than {MAX_PIXELS // 1_000_000} megapixels; "
+                                  "downscale it first")
+                image.load()
+                return image.convert("RGB"), None
+    except Image.UnidentifiedImageError:
+        return None, f"{where} is not in an image format Pillow can read (corrupt, or not an image)"
+    except Image.DecompressionBombError as exc:
+        return None, f"{where} is too large to decode safely ({_detail(exc)}); downscale it first"
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt or truncated data
+        return None, f"{where} cannot be decoded as an image ({_detail(exc)})"
+
+
+def load(value, storage_options: dict | None = None) -> tuple[Image.Image | None, str | None]:
+    """Fetch and decode one input image value; (None, reason) for an error row."""
+    data, reason = fetch(value, storage_options)
+    if reason is not None:
+        return None, reason
+    return decode(data, f"image {value}" if isinstance(value, str) else "image bytes")
+
+
+def embedding(value, dim: int) -> tuple[np.ndarray | None, str | None]:
+    """A given image embedding as float32, or why it is unusable (length, non-numbers, non-finite values)."""
+    try:
+        array = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        return None, f"image_embedding is not a list of numbers (got {type(value).__name__})"
+    if array.shape != (dim,):
+        return None, f"image_embedding has {array.size} values, expected {dim} (the image encoder's projection size)"
+    if not np.isfinite(array).all():
+        return None, "image_embedding holds NaN or infinite values"
+    return array, None
