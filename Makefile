@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUTPUT ?= outputs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-variations test bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m jobs.generate --preset tiny --input jobs/data/sample_prompts.parquet \
 		--output $(DEMO_OUTPUT) --set output.mode=overwrite
+
+# DALL-E 2's variations of four bundled images (tiny preset): two candidates each, the one closer to its caption kept.
+demo-variations: $(STAMP)
+	$(BIN)/python -m jobs.generate --preset tiny --input jobs/data/sample_images.parquet \
+		--output $(DEMO_OUTPUT)-variations --set mode=variation --set rerank.candidates=2 --set output.mode=overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

@@ -123,3 +123,75 @@ def test_ray_runs_equal_reference_whatever_the_batching_and_replicas(tiny_models
         assert within_tolerance(image, other), f"{row_id}: batching changed the image ({psnr(image, other):.1f} dB)"
         expected = reference.image(prompt, seed, **REFERENCE_STEPS, upscale_steps=3)
         assert within_tolerance(image, expected), f"{row_id}: {psnr(image, expected):.1f} dB vs UnCLIPPipeline"
+
+
+# ---------------------------------------------------------------- variation mode
+
+
+def _source_images(count: int) -> list:
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8)) for i in range(count)]
+
+
+def _encoded(image, fmt: str = "PNG") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def variation_config(tiny_models, *sets, upsampler_1024=False):
+    return load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=upsampler_1024, clip=False)
+                       + ["mode=variation", *sets], input_path="unused", output_path="unused")
+
+
+def test_variations_equal_the_image_variation_pipeline_from_bytes_and_paths(tiny_models, reference, tmp_path):
+    from benchmarks.local import image_batch, run_stages
+
+    sources = _source_images(3)
+    path = tmp_path / "source.jpg"
+    sources[2].save(path, format="JPEG")
+    values = [_encoded(sources[0]), _encoded(sources[1], "JPEG"), str(path)]
+    as_decoded = [sources[0], Image.open(__import__("io").BytesIO(values[1])).convert("RGB"),
+                  Image.open(path).convert("RGB")]
+    seeds = [[11, 12], [2024, 2025], [7, 8]]  # candidate j of a row: base seed + j, as in text mode
+    images = run_stages(variation_config(tiny_models, "rerank.candidates=2", "rerank.keep=2",
+                                         "stages.decoder.batch_size=3"), image_batch(values, seeds))["image"]
+    for i, source in enumerate(as_decoded):
+        for j, seed in enumerate(seeds[i]):
+            expected = reference.variation(seed, image=source, decoder_steps=4, super_res_steps=3)
+            assert images[i, j].shape == expected.shape == (64, 64, 3)
+            assert within_tolerance(images[i, j], expected), f"row {i} candidate {j}: {psnr(images[i, j], expected):.1f} dB"
+    wrong = reference.variation(seeds[0][0] + 5, image=as_decoded[0], decoder_steps=4, super_res_steps=3)
+    assert not within_tolerance(images[0, 0], wrong) and psnr(images[0, 0], wrong) < 30
+
+
+def test_variation_from_a_given_embedding_and_at_1024(tiny_models, reference):
+    from benchmarks.local import image_batch, run_stages
+
+    embedding = np.random.default_rng(4).normal(size=32).astype(np.float32) * 3
+    source = _source_images(1)[0]
+    config = variation_config(tiny_models, upsampler_1024=True)
+    images = run_stages(config, image_batch([None, _encoded(source)], [[5], [6]],
+                                            image_embedding=[embedding.tolist(), None]))["image"]
+    from_embedding = reference.variation(5, image_embeddings=embedding, decoder_steps=4, super_res_steps=3,
+                                         upscale_steps=3)
+    from_image = reference.variation(6, image=source, decoder_steps=4, super_res_steps=3, upscale_steps=3)
+    assert images.shape[2:] == (256, 256, 3)
+    assert within_tolerance(images[0, 0], from_embedding), f"{psnr(images[0, 0], from_embedding):.1f} dB"
+    assert within_tolerance(images[1, 0], from_image), f"{psnr(images[1, 0], from_image):.1f} dB"
+    other = reference.variation(5, image_embeddings=embedding * 0.5, decoder_steps=4, super_res_steps=3,
+                                upscale_steps=3)
+    assert not within_tolerance(images[0, 0], other)
+
+
+def test_variation_guidance_follows_the_decoder_scale_alone(tiny_models, reference):
+    from benchmarks.local import image_batch, run_stages
+
+    source = _source_images(1)[0]
+    # The prior's scale (> 1 here) must not switch guidance on: the variation pipeline has no prior.
+    config = variation_config(tiny_models, "stages.decoder.guidance_scale=1.0", "stages.prior.guidance_scale=4.0")
+    ours = run_stages(config, image_batch([_encoded(source)], [[9]]))["image"][0, 0]
+    expected = reference.variation(9, image=source, decoder_steps=4, super_res_steps=3, decoder_guidance=1.0)
+    assert within_tolerance(ours, expected), f"{psnr(ours, expected):.1f} dB"

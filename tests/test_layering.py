@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOUNDATION = {"pipeline.config", "pipeline.gpus", "pipeline.window", "pipeline.storage", "pipeline.presets",
-              "pipeline.checkpoints", "pipeline.seeds", "pipeline.counters", "pipeline.progress"}
+              "pipeline.checkpoints", "pipeline.seeds", "pipeline.counters", "pipeline.progress", "pipeline.images"}
 
 
 def modules(package: str) -> list[str]:

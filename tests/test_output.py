@@ -292,3 +292,17 @@ def test_a_finished_output_is_unfinished_for_an_input_with_other_rows(tmp_path):
     finally:
         output.release()
     assert state.finished is None and len(state.done_ids) == 3 and not (out / SUCCESS_FILE).exists()
+
+
+def test_text_runs_recorded_before_the_image_modes_still_resume_and_other_modes_are_refused(tmp_path):
+    from pipeline.output import differing_keys, run_identity
+
+    text = load_config(None, ["models.unclip=/m"], input_path="in.parquet", output_path=str(tmp_path))
+    variation = load_config(None, ["models.unclip=/m", "mode=variation"], input_path="in.parquet",
+                            output_path=str(tmp_path))
+    current = run_identity(text)
+    older = {k: v for k, v in current.items() if k not in ("mode", "input.image_column", "models.image_encoder",
+                                                            "stages.image_encoder.dtype")}
+    assert differing_keys(older, current) == []
+    assert differing_keys(run_identity(variation), current) == ["mode"]
+    assert "mode" in differing_keys(older, run_identity(variation))

@@ -1,0 +1,81 @@
+"""Image encoder stage: a variation run through Ray on object storage, with bad images as error rows."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import s3fs
+from PIL import Image
+
+from pipeline.config import load_config
+from tests.conftest import FAST_STEPS, ONE_GPU, model_overrides, psnr, within_tolerance
+
+SECRET = "moto-secret-variations"
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny_models, ray_session, s3_endpoint,
+                                                                           tmp_path, monkeypatch):
+    from benchmarks.reference import Reference
+    from pipeline.run import generate
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret=SECRET, skip_instance_cache=True)
+    bucket = f"v{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    rng = np.random.default_rng(7)
+    sources = [Image.fromarray(rng.integers(0, 256, (48, 40 + 8 * i, 3), dtype=np.uint8)) for i in range(3)]
+    for i, source in enumerate(sources):
+        fs.pipe_file(f"{bucket}/images/{i}.png", encoded(source))
+    fs.pipe_file(f"{bucket}/images/empty.png", b"")
+    huge = encoded(Image.new("1", (8001, 8001)))
+    rows = {  # id -> image value; ok rows first
+        "s3-0": f"s3://{bucket}/images/0.png", "s3-1": f"s3://{bucket}/images/1.png", "bytes-2": encoded(sources[2]),
+        "corrupt": b"\x89PNG not really", "missing": f"s3://{bucket}/images/missing.png",
+        "empty": f"s3://{bucket}/images/empty.png", "huge": huge, "null": None,
+    }
+    # Paths and bytes in two files: a Parquet column is either string or binary.
+    urls = {k: v for k, v in rows.items() if isinstance(v, str)}
+    blobs = {k: v for k, v in rows.items() if not isinstance(v, str)}
+    pq.write_table(pa.table({"id": list(urls), "image": pa.array(list(urls.values()), pa.string())}),
+                   tmp_path / "urls.parquet")
+    pq.write_table(pa.table({"id": list(blobs), "image": pa.array(list(blobs.values()), pa.binary())}),
+                   tmp_path / "blobs.parquet")
+    fs.put(str(tmp_path / "urls.parquet"), f"{bucket}/input/urls.parquet")
+    fs.put(str(tmp_path / "blobs.parquet"), f"{bucket}/input/blobs.parquet")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    config = load_config(None, FAST_STEPS + ONE_GPU + model_overrides(tiny_models, upsampler_1024=False) + [
+        "mode=variation", "rerank.candidates=2", "rerank.keep=2", "stages.image_encoder.batch_size=2",
+        "stages.decoder.batch_size=3", "stages.upsampler_256.batch_size=2", "output.shard_size=3",
+        "storage_options.key=testing", f"storage_options.secret={SECRET}",
+    ], input_path=f"s3://{bucket}/input/", output_path=f"s3://{bucket}/out")
+    summary = generate(config).summary
+    assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (3, 5, 6)
+    assert [s["name"] for s in summary["stages"]] == ["image_encoder", "decoder", "upsampler_256"]
+
+    fs.invalidate_cache()
+    metadata = {(r["id"], r["candidate"]): r for r in
+                pq.read_table(f"{bucket}/out/metadata", filesystem=fs).to_pylist()}
+    errors = {k[0]: r["error"] for k, r in metadata.items() if r["status"] == "error"}
+    assert errors["corrupt"].startswith("image bytes is not in an image format Pillow can read")
+    assert errors["missing"] == f"image s3://{bucket}/images/missing.png does not exist"
+    assert errors["empty"] == f"image s3://{bucket}/images/empty.png is empty (0 bytes)"
+    assert errors["huge"] == "image bytes is 8001x8001, more than 64 megapixels; downscale it first"
+    assert errors["null"] == "image is null"
+    reference = Reference(tiny_models["unclip"], None)
+    for i, row_id in enumerate(["s3-0", "s3-1", "bytes-2"]):
+        for candidate in (0, 1):
+            row = metadata[(row_id, candidate)]
+            assert row["status"] == "ok" and row["clip_score"] is None  # no captions: every candidate kept
+            image = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{bucket}/out/{row['image_key']}"))))
+            expected = reference.variation(row["seed"], image=sources[i], decoder_steps=4, super_res_steps=3)
+            assert within_tolerance(image, expected), f"{row_id}/{candidate}: {psnr(image, expected):.1f} dB"
+        assert metadata[(row_id, 1)]["seed"] == (metadata[(row_id, 0)]["seed"] + 1) % 2**63
