@@ -1,4 +1,4 @@
-"""Image encoder stage (image modes): each row's image -> CLIP image embedding, fanned out to its candidates."""
+"""Image encoder stage (image modes): each row's images -> CLIP image embeddings -> the embedding of every image it decodes."""
 
 from __future__ import annotations
 
@@ -8,24 +8,49 @@ import torch
 from actors.base import GENERATOR_STATE, StageActor
 from actors.text_encoder import encode_prompts
 from pipeline import images, seeds
-from pipeline.config import IMAGE_EMBEDDING_COLUMN
+from pipeline.config import IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN
 
 TEXT_COLUMNS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")
+PARALLEL_LIMIT = 1e-6
+"""Below this sin(omega) two directions count as parallel and slerp falls back to the straight line."""
+
+
+def slerp(a: np.ndarray, b: np.ndarray, theta: float) -> np.ndarray:
+    """Spherical interpolation from a (theta 0) to b (theta 1). The angle is that of the unit vectors; the weights
+    apply to a and b as given. Nearly parallel vectors interpolate linearly."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    cosine = np.dot(a64 / np.linalg.norm(a64), b64 / np.linalg.norm(b64))
+    omega = np.arccos(np.clip(cosine, -1.0, 1.0))
+    if np.sin(omega) < PARALLEL_LIMIT:
+        return (1 - theta) * a64 + theta * b64
+    return (np.sin((1 - theta) * omega) * a64 + np.sin(theta * omega) * b64) / np.sin(omega)
 
 
 class ImageEncoderActor(StageActor):
-    """Fetches and decodes each row's image (a bad one makes an error row), embeds it with the CLIP image
-    encoder (or takes the row's `image_embedding`), and hands every candidate of the row that embedding and a
-    generator started from its seed. As in UnCLIPImageVariationPipeline, the decoder's text conditioning is the
-    empty prompt in both guidance halves, so that encoding is computed once here and carried per row."""
+    """Fetches and decodes each row's images (an unusable one makes an error row), embeds them with the CLIP image
+    encoder (or takes a variation row's `image_embedding`), and hands every image the row decodes its embedding and
+    a generator started from its seed:
+
+    - variation: candidate j decodes the image's embedding with seed base + j;
+    - interpolation: trajectory m (seed base + m) decodes `frames` slerps from image_a's embedding to image_b's;
+    - textdiff: trajectory m decodes `frames` embeddings turned from the image's toward the normalised difference of
+      the text embeddings of target_prompt and the caption (`prompt`), up to textdiff.theta_max.
+
+    As in UnCLIPImageVariationPipeline, the decoder's text conditioning is the empty prompt in both guidance halves,
+    so that encoding is computed once here and carried per row.
+    """
 
     name = "image_encoder"
-    row_inputs = ("pixel_values", "given_embeds", "has_given")
+    row_inputs = ("pixel_values", "given_embeds", "has_given", "prompt", TARGET_PROMPT_COLUMN)
     per_row = True
 
     def __init__(self, context):
-        self.image_column = context.config.input.image_column
-        self.drops = ("pixel_values", "given_embeds", "has_given", self.image_column, IMAGE_EMBEDDING_COLUMN)
+        config = context.config
+        self.mode = config.mode
+        self.sources = (list(INTERPOLATION_COLUMNS) if self.mode == "interpolation"
+                        else [config.input.image_column])
+        self.drops = ("pixel_values", "given_embeds", "has_given", IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN,
+                      *self.sources)
         super().__init__(context)
 
     def load(self) -> None:
@@ -35,65 +60,114 @@ class ImageEncoderActor(StageActor):
         self.processor = self.load_component(path, key, "feature_extractor")
         self.dim = int(self.encoder.config.projection_dim)
         unclip = self.checkpoint("unclip")
-        tokenizer = self.load_component(unclip, "unclip", "tokenizer")
-        text_encoder = self.load_component(unclip, "unclip", "text_encoder")
+        self.tokenizer = self.load_component(unclip, "unclip", "tokenizer")
+        self.text_encoder = self.load_component(unclip, "unclip", "text_encoder")
         with torch.inference_mode():
-            embeds, hidden, mask = encode_prompts(tokenizer, text_encoder, [""], self.device)
-        del text_encoder  # only the '' encoding is needed
+            embeds, hidden, mask = encode_prompts(self.tokenizer, self.text_encoder, [""], self.device)
+        if self.mode != "textdiff":
+            del self.text_encoder  # only the '' encoding is needed
         empty = {"embeds": embeds[0].float().cpu().numpy(), "hidden": hidden[0].float().cpu().numpy(),
                  "mask": mask[0].cpu().numpy()}
         self.empty_text = {column: empty[column.split("_")[1]] for column in TEXT_COLUMNS}
-        self.output_spec = {"source_embeds": ((self.dim,), np.dtype(np.float32)),
+        self.output_spec = {"source_embeds": ((len(self.sources), self.dim), np.dtype(np.float32)),
                             **{c: (v.shape, v.dtype) for c, v in self.empty_text.items()}}
+        if self.mode == "textdiff":
+            text_dim = (int(embeds.shape[-1]),)
+            self.output_spec.update(target_embeds=(text_dim, np.dtype(np.float32)),
+                                    caption_embeds=(text_dim, np.dtype(np.float32)))
 
     def run(self, inputs, generators):
         given = np.asarray(inputs["has_given"], dtype=bool)
-        embeds = np.asarray(inputs["given_embeds"], dtype=np.float32).copy()
-        if not given.all():
-            encode = np.nonzero(~given)[0]
-            pixels = self.tensor(np.asarray(inputs["pixel_values"])[encode])
-            embeds[encode] = self.encoder(pixels).image_embeds.float().cpu().numpy()
         n = len(given)
-        return {"source_embeds": embeds, **{c: np.repeat(v[None], n, axis=0) for c, v in self.empty_text.items()}}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = {**batch, **self._prepare(batch)}
-        out = super().__call__(batch)
-        # Every candidate decodes the row's embedding; its generator starts from its own seed (no prior draws).
-        candidate_seeds = np.asarray(out["seeds"])
-        out["image_embeds"] = np.repeat(out.pop("source_embeds")[:, None], candidate_seeds.shape[1], axis=1)
-        out[GENERATOR_STATE] = np.stack([np.stack([seeds.generator_state(seeds.new_generator(int(s))) for s in row])
-                                         for row in candidate_seeds]) if len(candidate_seeds) else \
-            np.zeros((0, candidate_seeds.shape[1], seeds.GENERATOR_STATE_BYTES), np.uint8)
+        embeds = np.asarray(inputs["given_embeds"], dtype=np.float32).reshape(n * len(self.sources), self.dim).copy()
+        encode = np.nonzero(~given.reshape(-1))[0]
+        if len(encode):
+            pixels = np.asarray(inputs["pixel_values"])
+            pixels = pixels.reshape((n * len(self.sources),) + pixels.shape[2:])[encode]
+            embeds[encode] = self.encoder(self.tensor(pixels)).image_embeds.float().cpu().numpy()
+        out = {"source_embeds": embeds.reshape(n, len(self.sources), self.dim),
+               **{c: np.repeat(v[None], n, axis=0) for c, v in self.empty_text.items()}}
+        if self.mode == "textdiff":
+            texts = [str(t) for t in inputs[TARGET_PROMPT_COLUMN]] + [str(p) for p in inputs["prompt"]]
+            text_embeds = encode_prompts(self.tokenizer, self.text_encoder, texts, self.device)[0]
+            text_embeds = text_embeds.float().cpu().numpy()
+            out["target_embeds"], out["caption_embeds"] = text_embeds[:n], text_embeds[n:]
         return out
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__({**batch, **self._prepare(batch)})
+        sources = out.pop("source_embeds")
+        status = np.asarray(out["status"]).astype(object).copy()
+        errors = np.asarray(out["error"]).astype(object).copy()
+        trajectories = np.asarray(out["seeds"]).shape[1]
+        frames = self.config.frames
+        per_row = np.zeros((len(status), frames, self.dim), np.float32)
+        for i in np.nonzero(status == "ok")[0]:
+            per_row[i], reason = self._frames(sources[i], out, i, frames)
+            if reason is not None:
+                status[i], errors[i] = "error", reason
+        out.pop("target_embeds", None), out.pop("caption_embeds", None)
+        out["status"], out["error"] = status, errors
+        # Image c of a row is frame c % frames of trajectory c // frames, and decodes with that trajectory's seed.
+        out["seeds"] = np.repeat(np.asarray(out["seeds"]), frames, axis=1)
+        out["image_embeds"] = np.tile(per_row, (1, trajectories, 1))
+        states = [[seeds.generator_state(seeds.new_generator(int(s))) for s in row] for row in out["seeds"]]
+        out[GENERATOR_STATE] = np.asarray(states, dtype=np.uint8).reshape(
+            out["seeds"].shape + (seeds.GENERATOR_STATE_BYTES,))
+        return out
+
+    def _frames(self, sources: np.ndarray, out: dict, i: int, frames: int) -> tuple[np.ndarray, str | None]:
+        """The embeddings one trajectory of row i decodes, or a reason the row cannot be decoded."""
+        if self.mode == "variation":
+            return sources[:1], None
+        if self.mode == "interpolation":
+            thetas = np.arange(frames) / (frames - 1)
+            return np.stack([slerp(sources[0], sources[1], t) for t in thetas]).astype(np.float32), None
+        difference = out["target_embeds"][i].astype(np.float64) - out["caption_embeds"][i].astype(np.float64)
+        length = np.linalg.norm(difference)
+        if length < PARALLEL_LIMIT:
+            return np.zeros((frames, self.dim), np.float32), ("target_prompt and the caption have the same text "
+                                                              "embedding: there is no difference to move toward")
+        image = sources[0].astype(np.float64)
+        scale = np.linalg.norm(image)
+        thetas = self.config.textdiff.theta_max * np.arange(frames) / (frames - 1)
+        return np.stack([scale * slerp(image / scale, difference / length, t) for t in thetas]).astype(np.float32), None
+
     def _prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoded, preprocessed pixels (or the given embedding) per row; rows whose image is unusable become
-        error rows with the reason."""
-        rows = len(batch["status"])
+        """Decoded, preprocessed pixels (or the given embedding) of each row's images; rows with an unusable image
+        (or target prompt) become error rows with the reason."""
+        rows, count = len(batch["status"]), len(self.sources)
         status = np.asarray(batch["status"]).astype(object).copy()
         errors = np.asarray(batch["error"]).astype(object).copy()
-        given = np.zeros((rows, self.dim), np.float32)
-        has_given = np.zeros(rows, bool)
-        decoded: dict[int, object] = {}
+        given = np.zeros((rows, count, self.dim), np.float32)
+        has_given = np.zeros((rows, count), bool)
+        decoded: dict[tuple[int, int], object] = {}
         raw_embeddings = batch.get(IMAGE_EMBEDDING_COLUMN)
-        raw_images = batch.get(self.image_column)
+        targets = batch.get(TARGET_PROMPT_COLUMN)
         for i in np.nonzero(status == "ok")[0]:
-            if raw_embeddings is not None and raw_embeddings[i] is not None:
+            reason = None
+            if targets is not None and not isinstance(targets[i], str):
+                reason = "target_prompt is null" if targets[i] is None else "target_prompt is not a string"
+            elif raw_embeddings is not None and raw_embeddings[i] is not None:
                 embedding, reason = images.embedding(raw_embeddings[i], self.dim)
                 if reason is None:
-                    given[i], has_given[i] = embedding, True
+                    given[i, 0], has_given[i, 0] = embedding, True
             else:
-                image, reason = images.load(None if raw_images is None else raw_images[i],
-                                            self.config.storage_options)
-                if reason is None:
-                    decoded[int(i)] = image
+                for s, column in enumerate(self.sources):
+                    image, reason = images.load(batch[column][i] if column in batch else None,
+                                                self.config.storage_options)
+                    if reason is not None:
+                        reason = f"{column}: {reason}" if count > 1 else reason
+                        break
+                    decoded[(int(i), s)] = image
             if reason is not None:
                 status[i], errors[i] = "error", reason
         size = self.processor.crop_size
-        pixels = np.zeros((rows, 3, size["height"], size["width"]), np.float32)
-        if decoded:
-            order = sorted(decoded)
-            pixels[order] = self.processor(images=[decoded[i] for i in order], return_tensors="np").pixel_values
+        pixels = np.zeros((rows, count, 3, size["height"], size["width"]), np.float32)
+        ok = [key for key in sorted(decoded) if status[key[0]] == "ok"]
+        if ok:
+            processed = self.processor(images=[decoded[key] for key in ok], return_tensors="np").pixel_values
+            for key, values in zip(ok, processed):
+                pixels[key] = values
         return {"status": status, "error": errors, "pixel_values": pixels, "given_embeds": given,
                 "has_given": has_given}

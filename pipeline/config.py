@@ -23,11 +23,16 @@ OUTPUT_MODES = ("resume", "overwrite", "error_if_exists")
 RERANK_AT = ("decoder", "upsampler_256")
 DEFAULT_ID_COLUMN = "id"
 DEFAULT_SEED_COLUMN = "seed"
-MODES = ("text", "variation")
-"""What a run decodes: `text` samples image embeddings from prompts with the prior; `variation` takes them
-from images with the CLIP image encoder (DALL-E 2's variations)."""
+MODES = ("text", "variation", "interpolation", "textdiff")
+"""What a run decodes: `text` samples image embeddings from prompts with the prior; the image modes take them
+from images with the CLIP image encoder (DALL-E 2's variations, interpolations and text diffs)."""
+IMAGE_MODES = MODES[1:]
 IMAGE_EMBEDDING_COLUMN = "image_embedding"
-"""Optional input column of an image mode: a raw CLIP image embedding (list<float>) used instead of the image."""
+"""Optional input column of variation mode: a raw CLIP image embedding (list<float>) used instead of the image."""
+INTERPOLATION_COLUMNS = ("image_a", "image_b")
+"""The two images of each interpolation row."""
+TARGET_PROMPT_COLUMN = "target_prompt"
+"""The caption a textdiff row moves its image toward."""
 
 
 class ConfigError(ValueError):
@@ -250,6 +255,38 @@ class RerankConfig:
         _require(self.at in RERANK_AT, f"rerank.at must be one of {', '.join(RERANK_AT)}, got {self.at!r}")
 
 
+def _check_frames(frames, key: str) -> None:
+    _require(isinstance(frames, int) and not isinstance(frames, bool) and frames >= 2,
+             f"{key} must be an integer >= 2 (images per row, from one end to the other), got {frames!r}")
+
+
+@dataclass
+class InterpolationConfig:
+    """mode: interpolation, between the CLIP image embeddings of each row's image_a and image_b."""
+
+    frames: int = 5
+    """Images per row at theta = k / (frames - 1), k = 0..frames-1: frame 0 is image_a's variation, the last
+    image_b's; every frame of a row decodes with the same seed."""
+
+    def __post_init__(self) -> None:
+        _check_frames(self.frames, "interpolation.frames")
+
+
+@dataclass
+class TextdiffConfig:
+    """mode: textdiff, moving each row's image embedding toward the change from its caption to target_prompt."""
+
+    frames: int = 5
+    """Images per row at theta = theta_max * k / (frames - 1); frame 0 is the image's variation."""
+    theta_max: float = 0.5
+    """How far the last frame turns toward the text difference (0 < theta_max <= 1; 1 reaches it)."""
+
+    def __post_init__(self) -> None:
+        _check_frames(self.frames, "textdiff.frames")
+        _require(isinstance(self.theta_max, (int, float)) and not isinstance(self.theta_max, bool)
+                 and 0 < self.theta_max <= 1, f"textdiff.theta_max must be a number in (0, 1], got {self.theta_max!r}")
+
+
 @dataclass
 class PriorConfig:
     """Prior sampling options beyond the stage settings."""
@@ -395,11 +432,14 @@ class Config:
     preset: str | None = None
     """'tiny' fills unset model sources with tiny seeded checkpoints built in code."""
     mode: str = "text"
-    """What the images are decoded from: `text` (prompts, through the prior) or `variation` (the CLIP image
-    embedding of each row's image)."""
+    """What the images are decoded from: `text` (prompts, through the prior), `variation` (the CLIP image
+    embedding of each row's image), `interpolation` (between two images' embeddings) or `textdiff` (an image's
+    embedding turned toward a caption change)."""
     stages: StagesConfig = field(default_factory=StagesConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    textdiff: TextdiffConfig = field(default_factory=TextdiffConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
     """Run seed; rows without a seed column derive their seeds from it and their id."""
@@ -419,6 +459,9 @@ class Config:
             self.output.path = window.fill(self.output.path, "output.path", self.run.window)
         except window.WindowError as exc:
             raise ConfigError(str(exc)) from None
+        _require(self.rerank.candidates == self.rerank.keep or self.mode in ("text", "variation"),
+                 f"{self.mode} keeps every frame of every candidate; set rerank.keep to rerank.candidates "
+                 f"({self.rerank.candidates})")
         _require(self.rerank.candidates == self.rerank.keep or self.models.clip is not None,
                  f"rerank.candidates={self.rerank.candidates} > rerank.keep={self.rerank.keep} needs models.clip "
                  "(a CLIPModel checkpoint) to score candidates")
@@ -426,7 +469,23 @@ class Config:
     @property
     def image_mode(self) -> bool:
         """Images are decoded from the CLIP embeddings of input images, not from prompts."""
-        return self.mode != "text"
+        return self.mode in IMAGE_MODES
+
+    @property
+    def frames(self) -> int:
+        """Images per candidate trajectory: the frames of interpolation and textdiff, else 1."""
+        return {"interpolation": self.interpolation.frames, "textdiff": self.textdiff.frames}.get(self.mode, 1)
+
+    @property
+    def images_per_row(self) -> int:
+        """Images each row decodes: rerank.candidates trajectories of `frames` images."""
+        return self.rerank.candidates * self.frames
+
+    @property
+    def reranks(self) -> bool:
+        """Candidates are scored by CLIP: text and variation runs with models.clip (interpolation and textdiff
+        keep every frame)."""
+        return self.models.clip is not None and self.mode in ("text", "variation")
 
     def model_layouts(self) -> dict[str, str]:
         """Each model source that is set, mapped to the checkpoint layout this run reads from it: the text mode

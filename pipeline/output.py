@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import Config, to_dict
+from pipeline.config import IMAGE_MODES, Config, to_dict
 from pipeline.lease import LEASE_FILE, LeaseError, OutputLease
 from pipeline.rowids import IdSet, digests
 from pipeline.report import CONTACT_SHEET_FILE, REPORT_FILE
@@ -31,10 +31,12 @@ RESUME_NEUTRAL = ("batch_size", "num_gpus", "num_cpus", "replicas", "storage_opt
                   "output.shard_size", "output.lease_s", "output.path", "input.path", "input.limit", "run.")
 WINDOW_KEY = "run.window"
 LOSSLESS_FORMATS = ("png",)
-IMAGE_MODE_KEYS = ("input.image_column", "models.image_encoder", "stages.image_encoder.dtype")
-"""Settings only the image modes read: a text run leaves them out of its identity (as runs made before the image
-modes existed did), and so does its `mode`, so those runs' outputs resume as before."""
-DROPPED_WHEN_UNUSED = ("output.quality",) + IMAGE_MODE_KEYS
+MODE_ONLY_KEYS = {"input.image_column": IMAGE_MODES, "models.image_encoder": IMAGE_MODES,
+                  "stages.image_encoder.dtype": IMAGE_MODES, "interpolation.frames": ("interpolation",),
+                  "textdiff.frames": ("textdiff",), "textdiff.theta_max": ("textdiff",)}
+"""Settings only some modes read: other runs leave them out of their identity (a text run also its `mode`, as runs
+made before the image modes existed did, so their outputs resume as before)."""
+DROPPED_WHEN_UNUSED = ("output.quality",) + tuple(MODE_ONLY_KEYS)
 """Identity keys a run leaves out when they cannot change its outputs."""
 RESOLVED_PREFIX = "resolved."
 """Identity keys known only once the plan is made: each stage's device type and the dtype it computes in."""
@@ -73,9 +75,11 @@ def run_identity(config: Config, resolved: dict[str, str] | None = None) -> dict
                 if not any(k == n or k.endswith("." + n) or k.startswith(n) for n in RESUME_NEUTRAL)}
     if config.output.image_format in LOSSLESS_FORMATS:  # the quality setting changes no pixel there
         identity.pop("output.quality", None)
-    if not config.image_mode:
-        for key in IMAGE_MODE_KEYS + ("mode",):
+    for key, modes in MODE_ONLY_KEYS.items():
+        if config.mode not in modes:
             identity.pop(key, None)
+    if not config.image_mode:
+        identity.pop("mode", None)
     if flat[WINDOW_KEY] is not None:  # one output, one window: another window here is a different run
         identity[WINDOW_KEY] = flat[WINDOW_KEY]
     identity.update({RESOLVED_PREFIX + stage: value for stage, value in (resolved or {}).items()})

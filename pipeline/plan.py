@@ -59,9 +59,9 @@ class StageSpec:
 def stage_specs(config: Config, has_prompts: bool = True) -> list[StageSpec]:
     """The ordered stages of a run, derived from the config (mode, reranker position, whether 1024 runs).
     Without prompts (an image-mode input with no prompt column) nothing is reranked: every candidate is kept."""
-    n, k = config.rerank.candidates, config.rerank.keep
+    n, k = config.images_per_row, config.rerank.keep
     has_1024 = config.models.upsampler_1024 is not None
-    rerank = config.models.clip is not None and has_prompts
+    rerank = config.reranks and has_prompts
     after_256 = "image_256" if has_1024 else "image"
     if config.image_mode:
         stages = [StageSpec("image_encoder", 1), StageSpec("decoder", n)]

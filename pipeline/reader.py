@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import rowids, seeds, storage
-from pipeline.config import IMAGE_EMBEDDING_COLUMN, Config
+from pipeline.config import IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN, Config
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -131,8 +131,7 @@ def preflight(config: Config) -> InputInfo:
     info = InputInfo(url=spec.path, files=files, rows=rows, has_id=bool(has_id), has_seed=bool(has_seed),
                      has_prompt=bool(has_prompt), image_columns=image_columns or [],
                      fingerprint=fingerprint.hexdigest(), row_limits=row_limits, groups=list(groups.values()))
-    if (config.image_mode and not info.has_prompt and config.models.clip is not None
-            and config.rerank.keep < config.rerank.candidates):
+    if config.reranks and not info.has_prompt and config.rerank.keep < config.rerank.candidates:
         raise InputError(f"rerank.keep={config.rerank.keep} < rerank.candidates={config.rerank.candidates}, but the "
                          f"input has no '{spec.prompt_column}' column to rerank {config.mode} candidates by; add "
                          "captions, or set rerank.keep to rerank.candidates to keep every candidate")
@@ -142,25 +141,45 @@ def preflight(config: Config) -> InputInfo:
 
 
 def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
-    """The image and image-embedding columns of one file of an image-mode input, checked."""
-    spec, names = config.input, schema.names
-    found = [c for c in (spec.image_column, IMAGE_EMBEDDING_COLUMN) if c in names]
-    if not found:
-        raise InputError(f"input file {path} has no column '{spec.image_column}' (columns: {', '.join(names)}); "
-                         f"{config.mode} mode needs each row's image as bytes or a path / URL (set "
-                         f"input.image_column), or its CLIP embedding in '{IMAGE_EMBEDDING_COLUMN}'")
-    if spec.image_column in names:
-        kind = schema.field(spec.image_column).type
-        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
+    """The mode's own columns in one file of an image-mode input (images, embeddings, target prompts), checked."""
+    spec, names, mode = config.input, schema.names, config.mode
+
+    def missing(column: str, what: str) -> InputError:
+        return InputError(f"input file {path} has no column '{column}' (columns: {', '.join(names)}); {mode} mode "
+                          f"needs {what}")
+
+    if mode == "interpolation":
+        found = list(INTERPOLATION_COLUMNS)
+        for column in found:
+            if column not in names:
+                raise missing(column, "each row's two images in 'image_a' and 'image_b', as bytes or paths / URLs")
+    elif mode == "textdiff":
+        found = [spec.image_column, TARGET_PROMPT_COLUMN]
+        if spec.image_column not in names:
+            raise missing(spec.image_column, "each row's image as bytes or a path / URL (set input.image_column)")
+        if TARGET_PROMPT_COLUMN not in names:
+            raise missing(TARGET_PROMPT_COLUMN, "the caption each image moves toward in 'target_prompt'")
+        if not (pa.types.is_string(schema.field(TARGET_PROMPT_COLUMN).type)
+                or pa.types.is_large_string(schema.field(TARGET_PROMPT_COLUMN).type)):
+            raise InputError(f"input column '{TARGET_PROMPT_COLUMN}' in {path} is "
+                             f"{schema.field(TARGET_PROMPT_COLUMN).type}, expected strings")
+    else:
+        found = [c for c in (spec.image_column, IMAGE_EMBEDDING_COLUMN) if c in names]
+        if not found:
+            raise missing(spec.image_column, "each row's image as bytes or a path / URL (set input.image_column), "
+                                             f"or its CLIP embedding in '{IMAGE_EMBEDDING_COLUMN}'")
+    for column in found:
+        kind = schema.field(column).type
+        if column == IMAGE_EMBEDDING_COLUMN:
+            if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
+                    or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+                raise InputError(f"input column '{column}' in {path} is {kind}, expected a list of floats (a raw "
+                                 "CLIP image embedding)")
+        elif column != TARGET_PROMPT_COLUMN and not (
+                pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
                 or pa.types.is_large_string(kind)):
-            raise InputError(f"input column '{spec.image_column}' in {path} is {kind}, expected encoded image "
-                             "bytes (binary) or paths / URLs (string)")
-    if IMAGE_EMBEDDING_COLUMN in names:
-        kind = schema.field(IMAGE_EMBEDDING_COLUMN).type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
-                or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
-            raise InputError(f"input column '{IMAGE_EMBEDDING_COLUMN}' in {path} is {kind}, expected a list of "
-                             "floats (a raw CLIP image embedding)")
+            raise InputError(f"input column '{column}' in {path} is {kind}, expected encoded image bytes (binary) "
+                             "or paths / URLs (string)")
     return found
 
 

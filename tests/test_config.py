@@ -134,3 +134,15 @@ def test_a_window_is_a_calendar_day_or_hour(given, expected):
 def test_a_window_that_is_not_a_real_date_is_refused(bad):
     with pytest.raises(ConfigError, match=rf"run.window '{bad}' is not a date \(YYYY-MM-DD"):
         load_config(None, ["models.unclip=/x"], input_path="in", output_path="out", window=bad)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["mode=interpolate"], r"mode must be one of text, variation, interpolation, textdiff, got 'interpolate'"),
+    (["mode=interpolation", "interpolation.frames=1"], r"interpolation.frames must be an integer >= 2"),
+    (["mode=textdiff", "textdiff.theta_max=1.5"], r"textdiff.theta_max must be a number in \(0, 1\]"),
+    (["mode=interpolation", "models.clip=/c", "rerank.candidates=3", "rerank.keep=1"],
+     r"interpolation keeps every frame of every candidate; set rerank.keep to rerank.candidates \(3\)"),
+])
+def test_mode_settings_are_checked(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["models.unclip=/x", *sets], input_path="in", output_path="out")

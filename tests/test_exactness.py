@@ -195,3 +195,76 @@ def test_variation_guidance_follows_the_decoder_scale_alone(tiny_models, referen
     ours = run_stages(config, image_batch([_encoded(source)], [[9]]))["image"][0, 0]
     expected = reference.variation(9, image=source, decoder_steps=4, super_res_steps=3, decoder_guidance=1.0)
     assert within_tolerance(ours, expected), f"{psnr(ours, expected):.1f} dB"
+
+
+# ---------------------------------------------------------------- interpolation and textdiff: slerps of embeddings
+# Written here apart from the actor's own: the embeddings each frame should decode, from the reference's encoders.
+
+
+def _slerp(a, b, theta):
+    a_unit, b_unit = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    omega = np.arccos(np.clip(a_unit @ b_unit, -1.0, 1.0))
+    if np.sin(omega) < 1e-6:
+        return (1 - theta) * a + theta * b
+    return (np.sin((1 - theta) * omega) * a + np.sin(theta * omega) * b) / np.sin(omega)
+
+
+def _image_embedding(reference, image):
+    pipe = reference.variations
+    with torch.no_grad():
+        pixels = pipe.feature_extractor(images=image, return_tensors="pt").pixel_values
+        return pipe.image_encoder(pixels).image_embeds[0].double().numpy()
+
+
+def _text_embedding(reference, text):
+    pipe = reference.variations
+    with torch.no_grad():
+        ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids).text_embeds[0].double().numpy()
+
+
+def test_interpolation_frames_equal_variations_of_the_slerped_embeddings(tiny_models, reference):
+    from benchmarks.local import image_batch, run_stages
+
+    image_a, image_b = _source_images(2)
+    batch = image_batch([None], [[11]], image_a=[_encoded(image_a)], image_b=[_encoded(image_b)])
+    del batch["image"]
+    frames = run_stages(variation_config(tiny_models, "mode=interpolation", "interpolation.frames=5",
+                                         "stages.decoder.batch_size=2"), batch)["image"][0]
+    assert frames.shape == (5, 64, 64, 3)
+    z_a, z_b = _image_embedding(reference, image_a), _image_embedding(reference, image_b)
+    for k in (0, 2, 4):
+        expected = reference.variation(11, image_embeddings=_slerp(z_a, z_b, k / 4), decoder_steps=4,
+                                       super_res_steps=3)
+        assert within_tolerance(frames[k], expected), f"frame {k}: {psnr(frames[k], expected):.1f} dB"
+    first = reference.variation(11, image=image_a, decoder_steps=4, super_res_steps=3)
+    assert within_tolerance(frames[0], first), "frame 0 is image_a's variation with the row's seed"
+    wrong_theta = reference.variation(11, image_embeddings=_slerp(z_a, z_b, 0.25), decoder_steps=4, super_res_steps=3)
+    assert not within_tolerance(frames[2], wrong_theta)
+
+
+def test_textdiff_frames_turn_the_image_embedding_toward_the_caption_change(tiny_models, reference):
+    from benchmarks.local import image_batch, run_stages
+
+    image = _source_images(1)[0]
+    config = variation_config(tiny_models, "mode=textdiff", "textdiff.frames=4", "textdiff.theta_max=0.6",
+                              "rerank.candidates=2", "rerank.keep=2")
+    out = run_stages(config, image_batch([_encoded(image), _encoded(image)], [[5, 6], [9, 10]],
+                                         prompts=["a photo of noise", "same words"],
+                                         target_prompt=["an oil painting of noise", "same words"]))
+    assert list(out["status"]) == ["ok", "error"] and "no difference to move toward" in out["error"][1]
+    assert [int(s) for s in out["seeds"][0]] == [5] * 4 + [6] * 4  # two trajectories of four frames
+    z_image = _image_embedding(reference, image)
+    difference = _text_embedding(reference, "an oil painting of noise") - _text_embedding(reference, "a photo of noise")
+    direction = difference / np.linalg.norm(difference)
+    scale = np.linalg.norm(z_image)
+    for candidate, seed, theta in ((0, 5, 0.0), (3, 5, 0.6), (7, 6, 0.6)):
+        expected = reference.variation(seed, image_embeddings=scale * _slerp(z_image / scale, direction, theta),
+                                       decoder_steps=4, super_res_steps=3)
+        ours = out["image"][0, candidate]
+        assert within_tolerance(ours, expected), f"image {candidate}: {psnr(ours, expected):.1f} dB"
+    assert within_tolerance(out["image"][0, 0], reference.variation(5, image=image, decoder_steps=4, super_res_steps=3))
+    wrong_theta = reference.variation(5, image_embeddings=scale * _slerp(z_image / scale, direction, 0.4),
+                                      decoder_steps=4, super_res_steps=3)
+    assert not within_tolerance(out["image"][0, 3], wrong_theta)

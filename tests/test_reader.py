@@ -211,3 +211,25 @@ def test_a_limit_is_a_positive_row_count(tmp_path, value):
 
     with pytest.raises(ConfigError, match=r"input.limit must be a whole number of rows >= 1"):
         config(write_prompts(tmp_path / "a.parquet", ["x"]), f"input.limit={value}")
+
+
+@pytest.mark.parametrize("mode,columns,message", [
+    ("variation", {"prompt": ["x"]}, r"has no column 'image' .*variation mode needs each row's image"),
+    ("variation", {"image": pa.array([1], pa.int64())}, r"column 'image' .* is int64, expected encoded image bytes"),
+    ("interpolation", {"image_a": ["a.png"]}, r"has no column 'image_b' .*interpolation mode needs"),
+    ("textdiff", {"image": ["a.png"]}, r"has no column 'target_prompt' .*the caption each image moves toward"),
+    ("variation", {"image_embedding": ["1,2"]}, r"'image_embedding' .* is string, expected a list of floats"),
+])
+def test_image_modes_need_their_columns(tmp_path, mode, columns, message):
+    pq.write_table(pa.table(columns), tmp_path / "a.parquet")
+    with pytest.raises(InputError, match=message):
+        preflight(config(tmp_path / "a.parquet", f"mode={mode}"))
+
+
+def test_variations_without_captions_keep_every_candidate(tmp_path):
+    pq.write_table(pa.table({"image": ["a.png"]}), tmp_path / "a.parquet")
+    info = preflight(config(tmp_path / "a.parquet", "mode=variation", "models.clip=/c", "rerank.candidates=2",
+                            "rerank.keep=2"))
+    assert not info.has_prompt and info.image_columns == ["image"]
+    with pytest.raises(InputError, match=r"no 'prompt' column to rerank variation candidates by"):
+        preflight(config(tmp_path / "a.parquet", "mode=variation", "models.clip=/c", "rerank.candidates=2"))
