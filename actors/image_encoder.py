@@ -11,6 +11,8 @@ from pipeline import images, seeds
 from pipeline.config import IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN
 
 TEXT_COLUMNS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")
+SOURCE_EMBEDS = "source_embeds"
+"""A variation row's source image embedding, for the reranker to score uncaptioned candidates against."""
 PARALLEL_LIMIT = 1e-6
 """Below this sin(omega) two directions count as parallel and slerp falls back to the straight line."""
 
@@ -97,6 +99,8 @@ class ImageEncoderActor(StageActor):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = super().__call__({**batch, **self._prepare(batch)})
         sources = out.pop("source_embeds")
+        if self.mode == "variation":  # what uncaptioned variations are scored against
+            out[SOURCE_EMBEDS] = sources[:, 0]
         status = np.asarray(out["status"]).astype(object).copy()
         errors = np.asarray(out["error"]).astype(object).copy()
         trajectories = np.asarray(out["seeds"]).shape[1]

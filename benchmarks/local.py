@@ -28,12 +28,12 @@ def image_batch(images: list, seeds, prompts: list[str] | None = None, **columns
 
 
 def run_stages(config: Config, batch: dict[str, np.ndarray], *, stop_after: str | None = None,
-               use_gpu: bool = False, actors: dict | None = None) -> dict[str, np.ndarray]:
+               use_gpu: bool = False, actors: dict | None = None, has_prompts: bool = True) -> dict[str, np.ndarray]:
     """Each stage actor in order on one batch, in this process. `actors` caches them across calls."""
     from pipeline.plan import stage_specs
 
     actors = {} if actors is None else actors
-    for spec in stage_specs(config):
+    for spec in stage_specs(config, has_prompts):
         if spec.name not in actors:
             actors[spec.name] = spec.actor_class()(StageContext(config=config, use_gpu=use_gpu,
                                                                 final_image=spec.final_image, options=spec.options))

@@ -507,6 +507,18 @@ PRESETS: dict[str, dict] = {
         "models": {"unclip": "tiny://unclip", "upsampler_1024": "tiny://upsampler_1024", "clip": "tiny://clip"},
         "stages": {"upsampler_1024": {"steps": 20}},
     },
+    # The real models from the Hugging Face Hub, each pinned to a commit (fp16 on GPUs, as dtype 'auto' does).
+    # The image modes take the image encoder from CLIP ViT-L/14 itself: it is the encoder of
+    # kakaobrain/karlo-v1-alpha-image-variations, whose main branch ships pickle weights only, while the rest of
+    # that snapshot is Karlo's own decoder and super-resolution.
+    "karlo": {
+        "models": {
+            "unclip": "kakaobrain/karlo-v1-alpha@5ee45298e0956749e621bcb30c799a0b599afa83",
+            "upsampler_1024": "stabilityai/stable-diffusion-x4-upscaler@c1d3e4830bb80da091d1d94354d8852fab670b4b",
+            "clip": "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41",
+            "image_encoder": "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41",
+        },
+    },
 }
 
 

@@ -58,21 +58,23 @@ class StageSpec:
 
 def stage_specs(config: Config, has_prompts: bool = True) -> list[StageSpec]:
     """The ordered stages of a run, derived from the config (mode, reranker position, whether 1024 runs).
-    Without prompts (an image-mode input with no prompt column) nothing is reranked: every candidate is kept."""
+    Without prompts (a variation input with no prompt column) candidates are scored against their source image."""
     n, k = config.images_per_row, config.rerank.keep
     has_1024 = config.models.upsampler_1024 is not None
-    rerank = config.reranks and has_prompts
+    rerank = config.reranks
     after_256 = "image_256" if has_1024 else "image"
+    # Variations without captions: scored by likeness to their source image; keep == candidates keeps them all.
+    by = {} if has_prompts else {"by": "source"}
     if config.image_mode:
         stages = [StageSpec("image_encoder", 1), StageSpec("decoder", n)]
     else:
         stages = [StageSpec("text_encoder", 1), StageSpec("prior", n), StageSpec("decoder", n)]
     if rerank and config.rerank.at == "decoder":
-        stages.append(StageSpec("reranker", n, options={"column": "image_64"}))
+        stages.append(StageSpec("reranker", n, options={"column": "image_64", **by}))
     per_row = k if rerank and config.rerank.at == "decoder" else n
     stages.append(StageSpec("upsampler_256", per_row, final_image=not has_1024))
     if rerank and config.rerank.at == "upsampler_256":
-        stages.append(StageSpec("reranker", n, options={"column": after_256}))
+        stages.append(StageSpec("reranker", n, options={"column": after_256, **by}))
         per_row = k
     if has_1024:
         stages.append(StageSpec("upsampler_1024", per_row, final_image=True))

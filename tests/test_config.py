@@ -146,3 +146,16 @@ def test_a_window_that_is_not_a_real_date_is_refused(bad):
 def test_mode_settings_are_checked(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["models.unclip=/x", *sets], input_path="in", output_path="out")
+
+
+def test_karlo_preset_pins_every_hub_source_to_a_commit():
+    import re
+
+    config = load(preset="karlo")
+    for key in ("unclip", "upsampler_1024", "clip", "image_encoder"):
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", getattr(config.models, key)), key
+    assert config.dtype == "auto"  # fp16 wherever a stage runs on a GPU
+    assert config.model_layouts() == {"unclip": "unclip", "upsampler_1024": "upsampler_1024", "clip": "clip"}
+    variation = load("mode=variation", preset="karlo")
+    assert variation.model_layouts()["unclip"] == "unclip_decoding"  # no prior needed, encoder from CLIP
+    assert variation.model_layouts()["image_encoder"] == "image_encoder"

@@ -268,3 +268,20 @@ def test_textdiff_frames_turn_the_image_embedding_toward_the_caption_change(tiny
     wrong_theta = reference.variation(5, image_embeddings=scale * _slerp(z_image / scale, direction, 0.4),
                                       decoder_steps=4, super_res_steps=3)
     assert not within_tolerance(out["image"][0, 3], wrong_theta)
+
+
+def test_an_image_encoder_from_a_clip_model_snapshot_embeds_as_clip_does(tiny_models):
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from benchmarks.local import image_batch, run_stages
+
+    source = _source_images(1)[0]
+    config = variation_config(tiny_models, f"models.image_encoder={tiny_models['clip']}")
+    assert config.model_layouts()["unclip"] == "unclip_decoding"
+    embeds = run_stages(config, image_batch([_encoded(source)], [[3]]), stop_after="image_encoder")["image_embeds"]
+    clip = CLIPModel.from_pretrained(tiny_models["clip"]).eval()
+    with torch.no_grad():
+        pixels = CLIPImageProcessor.from_pretrained(tiny_models["clip"])(images=source, return_tensors="pt").pixel_values
+        expected = clip.get_image_features(pixel_values=pixels)
+        expected = getattr(expected, "pooler_output", expected)[0].numpy()
+    np.testing.assert_allclose(embeds[0, 0], expected, rtol=1e-4, atol=1e-5)

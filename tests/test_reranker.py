@@ -133,3 +133,35 @@ def test_ray_run_with_reranking_keeps_reference_images(tiny_models, ray_session,
         expected = reference.image(row["prompt"], row["seed"], **REFERENCE_STEPS)
         got = images[row["image_key"]][2]
         assert within_tolerance(got, expected), f"{row['image_key']}: {psnr(got, expected):.1f} dB"
+
+
+def test_uncaptioned_variations_are_scored_against_their_source_image(tiny_models):
+    import io
+
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
+
+    from benchmarks.local import image_batch, run_stages
+
+    source = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    config = config_for(tiny_models, "mode=variation", "rerank.candidates=3", "rerank.keep=3")
+    out = run_stages(config, image_batch([buffer.getvalue()], [[40, 41, 42]]), stop_after="reranker",
+                     has_prompts=False)
+    # Independently: the source's embedding from the image encoder, each candidate's from CLIPModel.
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny_models["unclip"], subfolder="image_encoder").eval()
+    extractor = CLIPImageProcessor.from_pretrained(tiny_models["unclip"], subfolder="feature_extractor")
+    clip = CLIPModel.from_pretrained(tiny_models["clip"]).eval()
+    processor = CLIPImageProcessor.from_pretrained(tiny_models["clip"])
+    with torch.no_grad():
+        z = encoder(extractor(images=source, return_tensors="pt").pixel_values).image_embeds[0]
+        candidates = pixels_uint8("image_64", out["image_64"][0])
+        features = clip.get_image_features(pixel_values=processor(images=list(candidates), return_tensors="pt").pixel_values)
+        features = getattr(features, "pooler_output", features)
+        expected = (100 * torch.nn.functional.cosine_similarity(features, z[None], dim=-1)).numpy()
+    order = np.argsort(-expected, kind="stable")
+    assert list(out["candidate"][0]) == list(order)  # every candidate kept, best first
+    np.testing.assert_allclose(out["clip_score"][0], expected[order], atol=1e-3)
+    assert [int(s) for s in out["seeds"][0]] == [40 + int(c) for c in order]
+    assert "source_embeds" not in out
