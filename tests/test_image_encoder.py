@@ -59,7 +59,8 @@ def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny
     ], input_path=f"s3://{bucket}/input/", output_path=f"s3://{bucket}/out")
     summary = generate(config).summary
     assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (3, 5, 6)
-    assert [s["name"] for s in summary["stages"]] == ["image_encoder", "decoder", "upsampler_256"]
+    # No captions: the reranker orders each row's candidates by likeness to the source and keeps them all.
+    assert [s["name"] for s in summary["stages"]] == ["image_encoder", "decoder", "reranker", "upsampler_256"]
 
     fs.invalidate_cache()
     metadata = {(r["id"], r["candidate"]): r for r in
@@ -74,8 +75,10 @@ def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny
     for i, row_id in enumerate(["s3-0", "s3-1", "bytes-2"]):
         for candidate in (0, 1):
             row = metadata[(row_id, candidate)]
-            assert row["status"] == "ok" and row["clip_score"] is None  # no captions: every candidate kept
+            assert row["status"] == "ok" and -100 <= row["clip_score"] <= 100
             image = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{bucket}/out/{row['image_key']}"))))
             expected = reference.variation(row["seed"], image=sources[i], decoder_steps=4, super_res_steps=3)
             assert within_tolerance(image, expected), f"{row_id}/{candidate}: {psnr(image, expected):.1f} dB"
         assert metadata[(row_id, 1)]["seed"] == (metadata[(row_id, 0)]["seed"] + 1) % 2**63
+        ranked = sorted((metadata[(row_id, c)] for c in (0, 1)), key=lambda r: r["rank"])
+        assert ranked[0]["clip_score"] >= ranked[1]["clip_score"]
