@@ -77,7 +77,7 @@ class StageActor:
     """Continue each candidate's generator from `generator_state` (or start it from `seeds`)."""
 
     def __init__(self, context: StageContext):
-        progress.enlist(context.progress_board)  # first: the run can end this actor even if loading fails below
+        progress.enlist(context.progress_board, self.name)  # first: the run can end it even if loading fails
         self.context = context
         self.config = context.config
         self.settings = getattr(self.config.stages, self.name)

@@ -22,12 +22,18 @@ class ProgressBoard:
         self.actors: list[dict] = []
         self.handles: list = []
         """Every stage actor of the run, so the driver can end them all when the run ends, however it ends."""
+        self.placed: dict[str, int] = {}
+        """Per stage, how many actors were placed and started (loading their model or done loading)."""
 
-    def enlist(self, handle) -> None:
+    def enlist(self, handle, stage: str) -> None:
         self.handles.append(handle)
+        self.placed[stage] = self.placed.get(stage, 0) + 1
 
     def enlisted(self) -> list:
         return list(self.handles)
+
+    def placed_counts(self) -> dict[str, int]:
+        return dict(self.placed)
 
     def add(self, stage: str, rows: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + rows
@@ -53,14 +59,14 @@ def actor_location() -> dict:
             "bundle": int(bundle) if bundle not in (None, "", "-1") else None}
 
 
-def enlist(board_name: str | None) -> None:
+def enlist(board_name: str | None, stage: str) -> None:
     """Called by a stage actor as it starts: hand the run's board a handle to this actor (best effort)."""
     if not board_name:
         return
     try:
         import ray
 
-        ray.get_actor(board_name).enlist.remote(ray.get_runtime_context().current_actor)
+        ray.get_actor(board_name).enlist.remote(ray.get_runtime_context().current_actor, stage)
     except Exception as exc:  # noqa: BLE001 - outside a run (tests, in-process use) there is no board
         log.debug("not enlisted on %s: %s", board_name, exc)
 
@@ -153,6 +159,15 @@ class ProgressPrinter:
         except Exception:  # noqa: BLE001 - the report only; the run's outputs do not depend on it
             return []
 
+    def placed_counts(self) -> dict[str, int] | None:
+        """Per stage, the actors placed so far; None when the board cannot be asked."""
+        import ray
+
+        try:
+            return ray.get(self.board.placed_counts.remote(), timeout=10)
+        except Exception:  # noqa: BLE001
+            return None
+
     def end_actors(self) -> None:
         """Kill every stage actor the run started. Ray Data's shutdown only drops its
         references to them, and after a failure something may still hold one: they would keep their CPUs and
@@ -180,3 +195,41 @@ class ProgressPrinter:
             ray.kill(self.board)
         except Exception:  # noqa: BLE001
             pass
+
+
+class StartupWatch:
+    """Driver side: every stage's actor pool starts all its actors at once, and a pool that cannot place some of
+    them would run on the others (slower), or, with none placed, wait forever. After `wait_s` this compares the
+    actors placed with the plan: fewer is a warning line; none for a stage fails the run, by interrupting the
+    driver's main thread (`failure` then says why)."""
+
+    def __init__(self, printer: ProgressPrinter, planned: dict[str, int], wait_s: float, stream=None):
+        self.printer, self.planned, self.wait_s = printer, planned, wait_s
+        self.stream = stream or sys.stderr
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._check, daemon=True, name="unclip-startup-watch")
+        self._thread.start()
+
+    def _check(self) -> None:
+        if self._stop.wait(self.wait_s):
+            return
+        placed = self.printer.placed_counts()
+        if placed is None:
+            return
+        short = {stage: placed.get(stage, 0) for stage, want in self.planned.items() if placed.get(stage, 0) < want}
+        for stage, have in short.items():
+            print(f"warning: stage {stage} has {have} of its {self.planned[stage]} planned actors after "
+                  f"{self.wait_s:.0f} s; the cluster cannot place the others (free CPUs / GPUs / memory), so the "
+                  "run is slower than planned", file=self.stream, flush=True)
+        idle = [stage for stage, have in short.items() if have == 0]
+        if idle and not self._stop.is_set():
+            self.failure = (f"stage {idle[0]}: none of its {self.planned[idle[0]]} actors could be placed within "
+                            f"{self.wait_s:.0f} s; free the cluster's resources the plan needs (or set "
+                            f"stages.{idle[0]}.num_cpus / num_gpus lower) and rerun the same command")
+            import _thread
+
+            _thread.interrupt_main()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -19,7 +19,7 @@ from pipeline.lease import LeaseError
 from pipeline.output import SUCCESS_FILE, OutputDir, same_input
 from pipeline.plan import ClusterShape, Plan, Placement, StageSpec, bundle_cpus, plan_placements, stage_specs, task_cpus
 from pipeline.reservation import GpuReservation, ReservationTimeout
-from pipeline.progress import ProgressPrinter
+from pipeline.progress import ProgressPrinter, StartupWatch
 from pipeline.report import REPORT_FILE, scan_metadata, write_report
 from pipeline.counters import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX,
                                merge_stage_counters)
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 TASKS_IN_FLIGHT_PER_ACTOR = 2
 """One batch running, one queued: actors never wait on the scheduler, and none hoards the last batches."""
 MIN_ACTORS_WAIT_S = 900
+"""How long every planned stage actor has to be placed before the run warns (or, with none of a stage's, fails)."""
 PACKAGES = ("ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec", "s3fs", "unclip-ray")
 
 
@@ -232,8 +233,10 @@ def configure_data_context(verbose: bool = False) -> None:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     context.enable_progress_bars = sys.stderr.isatty()
     context.execution_options.preserve_order = False
-    # A pool whose actors cannot be placed would otherwise run on the ones that could, silently slower.
-    context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
+    # Every pool starts its actors at once. Waiting for each pool's actors (Ray Data's wait_for_min_actors_s)
+    # would start the pools one after another, loading each stage's models in turn; the run's StartupWatch
+    # checks instead that every planned actor could be placed.
+    context.wait_for_min_actors_s = -1
 
 
 def package_versions() -> dict[str, str]:
@@ -330,6 +333,7 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
     log.info("plan:\n%s", plan.table())
     board = f"unclip-progress-{uuid.uuid4().hex[:12]}"
     printer = ProgressPrinter(board, [s.name for s in stages], todo, config.run.progress_interval_s)
+    watch = StartupWatch(printer, {s.name: placements[s.name].replicas for s in stages}, MIN_ACTORS_WAIT_S)
     dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(shape.cpus), board,
                             reservation, attempt)
 
@@ -358,10 +362,13 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        watch.stop()
         _end_streaming(dataset, stream)
         actors = printer.placement()
         printer.end_actors()  # so a next run in this process gets their CPUs and GPUs, even after a failure
         printer.close()
+    if interrupted and watch.failure:
+        raise RunFailed(watch.failure)
     if interrupted:  # counted after the shutdown: writers may have committed more than the stream delivered
         raise RunInterrupted(output.committed_rows())
     if load_failure is not None:

@@ -68,7 +68,7 @@ def assert_complete_and_exact(output, ids, reference, read=None, sample=4):
 def test_killed_stage_actors_are_restarted_and_their_batches_retried(tiny_models, ray_session, reference, tmp_path):
     prompts, ids = prompts_file(tmp_path, 12)
     output = str(tmp_path / "out")
-    killer = ActorKiller(kills=3, interval=4.0, seed=1)
+    killer = ActorKiller(kills=3, interval=2.5, seed=1)
     killer.start()
     try:
         result = generate(load_config(None, fault_sets(tiny_models), input_path=prompts, output_path=output))
