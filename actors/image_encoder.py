@@ -56,7 +56,7 @@ class ImageEncoderActor(StageActor):
         super().__init__(context)
 
     def load(self) -> None:
-        key = "image_encoder" if self.config.models.image_encoder is not None else "unclip"
+        key = self.config.image_encoder_source
         path = self.checkpoint(key)
         self.encoder = self.load_component(path, key, "image_encoder")
         self.processor = self.load_component(path, key, "feature_extractor")
@@ -113,11 +113,13 @@ class ImageEncoderActor(StageActor):
         out.pop("target_embeds", None), out.pop("caption_embeds", None)
         out["status"], out["error"] = status, errors
         # Image c of a row is frame c % frames of trajectory c // frames, and decodes with that trajectory's seed.
-        out["seeds"] = np.repeat(np.asarray(out["seeds"]), frames, axis=1)
+        trajectory_seeds = np.asarray(out["seeds"])
+        states = np.asarray([[seeds.generator_state(seeds.new_generator(int(s))) for s in row]
+                             for row in trajectory_seeds], dtype=np.uint8)
+        states = states.reshape(trajectory_seeds.shape + (seeds.GENERATOR_STATE_BYTES,))
+        out["seeds"] = np.repeat(trajectory_seeds, frames, axis=1)
+        out[GENERATOR_STATE] = np.repeat(states, frames, axis=1)
         out["image_embeds"] = np.tile(per_row, (1, trajectories, 1))
-        states = [[seeds.generator_state(seeds.new_generator(int(s))) for s in row] for row in out["seeds"]]
-        out[GENERATOR_STATE] = np.asarray(states, dtype=np.uint8).reshape(
-            out["seeds"].shape + (seeds.GENERATOR_STATE_BYTES,))
         return out
 
     def _frames(self, sources: np.ndarray, out: dict, i: int, frames: int) -> tuple[np.ndarray, str | None]:

@@ -70,13 +70,14 @@ class RerankerActor(StageActor):
         self.tokenizer = self.load_component(path, "clip", "tokenizer")
         self.image_processor = self.load_component(path, "clip", "image_processor")
         self.output_spec = {"candidate_scores": ((), np.dtype(np.float32))}
-        if self.by_source and self._image_encoder_dim() != self.model.config.projection_dim:
+        encoder_dim = self._image_encoder_dim() if self.by_source else self.model.config.projection_dim
+        if encoder_dim != self.model.config.projection_dim:
             raise ValueError(f"models.clip embeds images in {self.model.config.projection_dim} dimensions and the "
-                             f"image encoder in {self._image_encoder_dim()}: score uncaptioned variations with the "
+                             f"image encoder in {encoder_dim}: score uncaptioned variations with the "
                              "CLIP model the image encoder comes from, or set models.clip to null")
 
     def _image_encoder_dim(self) -> int | None:
-        key = "image_encoder" if self.config.models.image_encoder is not None else "unclip"
+        key = self.config.image_encoder_source
         folder = checkpoints.LAYOUTS[self.config.model_layouts()[key]].components["image_encoder"].subfolder
         with open(os.path.join(self.checkpoint(key), folder, "config.json"), encoding="utf-8") as fh:
             return json.load(fh).get("projection_dim")

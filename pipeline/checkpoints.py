@@ -62,16 +62,21 @@ UNCLIP = Layout("Karlo unCLIP diffusers layout", {
     "prior": Component("prior", DIFFUSERS_MODEL, "diffusers.PriorTransformer"),
     "prior_scheduler": Component("prior_scheduler", SCHEDULER, "diffusers.UnCLIPScheduler"),
 })
-UNCLIP_IMAGE = Layout("Karlo image-variations diffusers layout", {
-    **_DECODING,
-    "image_encoder": Component("image_encoder", TRANSFORMERS_MODEL, "transformers.CLIPVisionModelWithProjection"),
-    "feature_extractor": Component("feature_extractor", IMAGE_PROCESSOR, "transformers.AutoImageProcessor"),
-})
+
+
+def _image_encoder_parts(in_subfolders: bool) -> dict[str, Component]:
+    """The CLIP image encoder and its preprocessing: in their own folders (a Karlo image-variations snapshot) or
+    at the root (a CLIPVisionModelWithProjection or CLIPModel snapshot)."""
+    return {"image_encoder": Component("image_encoder" if in_subfolders else "", TRANSFORMERS_MODEL,
+                                       "transformers.CLIPVisionModelWithProjection"),
+            "feature_extractor": Component("feature_extractor" if in_subfolders else "", IMAGE_PROCESSOR,
+                                           "transformers.AutoImageProcessor")}
+
+
+UNCLIP_IMAGE = Layout("Karlo image-variations diffusers layout", {**_DECODING, **_image_encoder_parts(True)})
 UNCLIP_DECODING = Layout("Karlo unCLIP diffusers layout (decoder part)", _DECODING)
-IMAGE_ENCODER = Layout("CLIP image encoder layout (CLIPVisionModelWithProjection or CLIPModel)", {
-    "image_encoder": Component("", TRANSFORMERS_MODEL, "transformers.CLIPVisionModelWithProjection"),
-    "feature_extractor": Component("", IMAGE_PROCESSOR, "transformers.AutoImageProcessor"),
-})
+IMAGE_ENCODER = Layout("CLIP image encoder layout (CLIPVisionModelWithProjection or CLIPModel)",
+                       _image_encoder_parts(False))
 
 UPSCALER = Layout("x4 upscaler diffusers layout", {
     "vae": Component("vae", DIFFUSERS_MODEL, "diffusers.AutoencoderKL"),

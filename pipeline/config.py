@@ -487,6 +487,12 @@ class Config:
         keep every frame)."""
         return self.models.clip is not None and self.mode in ("text", "variation")
 
+    @property
+    def image_encoder_source(self) -> str:
+        """The model source key the image modes' encoder comes from: models.image_encoder when set, else the
+        image-variations parts of models.unclip."""
+        return "image_encoder" if self.models.image_encoder is not None else "unclip"
+
     def model_layouts(self) -> dict[str, str]:
         """Each model source that is set, mapped to the checkpoint layout this run reads from it: the text mode
         needs the Karlo prior, the image modes an image encoder (inside models.unclip unless given apart)."""

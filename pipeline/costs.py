@@ -787,8 +787,7 @@ def checkpoint_models(config) -> dict[str, ModelConfig]:
     names = ["text_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"]
     models = {name: component("unclip", name) for name in names + ([] if config.image_mode else ["prior"])}
     if config.image_mode:
-        models["image_encoder"] = component("image_encoder" if "image_encoder" in layouts else "unclip",
-                                            "image_encoder")
+        models["image_encoder"] = component(config.image_encoder_source, "image_encoder")
     if config.models.upsampler_1024 is not None:
         models.update(x4_unet=component("upsampler_1024", "unet"), x4_vae=component("upsampler_1024", "vae"),
                       x4_text_encoder=component("upsampler_1024", "text_encoder"))
