@@ -15,40 +15,48 @@ from urllib.parse import urlsplit
 import psutil
 
 
-def stage_actor_processes() -> list[psutil.Process]:
-    """Live Ray Data stage-actor processes on this machine (their titles name the stage)."""
+def busy_stage_actor_processes() -> list[tuple[psutil.Process, str]]:
+    """Live Ray Data stage actors on this machine that are running a batch right now.
+
+    Ray titles an actor process `ray::<class>.<method>` while a method runs and `ray::<class>` when idle; a stage
+    actor's batch call is `submit`. Killing only these makes every kill hit an in-flight batch, whatever the timing.
+    """
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        title = " ".join(process.info.get("cmdline") or [])
-        # Skip actors still in __init__: the point is to kill one holding an in-flight batch.
-        if "MapWorker(MapBatches(" in title and "Actor)" in title and ".__init__" not in title:
-            found.append(process)
+        title = " ".join(process.info.get("cmdline") or []).strip()
+        if "MapWorker(MapBatches(" in title and title.endswith(".submit"):
+            found.append((process, title))
     return found
 
 
 class ActorKiller(threading.Thread):
-    """SIGKILLs a random stage actor `kills` times, `interval` seconds apart, while the run goes on."""
+    """SIGKILLs a stage actor in the middle of a batch, `kills` times, each in a different stage, `gap` s apart.
 
-    def __init__(self, kills: int, interval: float, seed: int = 0):
+    Each kill leaves a batch that must be retried, and every later stage still has that row to process, so a run
+    cannot finish before the next kill finds a busy actor of a stage not hit yet: the count does not depend on
+    how fast the machine is.
+    """
+
+    def __init__(self, kills: int, gap: float = 1.0, seed: int = 0, poll: float = 0.02):
         super().__init__(daemon=True)
-        self.kills, self.interval = kills, interval
+        self.kills, self.gap, self.poll = kills, gap, poll
         self.random = random.Random(seed)
         self.killed: list[str] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         deadline = time.time() + 300
-        while len(self.killed) < self.kills and not self.stop.wait(self.interval) and time.time() < deadline:
-            victims = stage_actor_processes()
+        while len(self.killed) < self.kills and not self.stop.wait(self.poll) and time.time() < deadline:
+            victims = [(p, title) for p, title in busy_stage_actor_processes() if title not in self.killed]
             if not victims:
                 continue
-            victim = self.random.choice(victims)
+            victim, title = self.random.choice(victims)
             try:
-                title = " ".join(victim.cmdline()).strip()
                 os.kill(victim.pid, signal.SIGKILL)
                 self.killed.append(title)
             except (psutil.NoSuchProcess, ProcessLookupError):
                 continue
+            self.stop.wait(self.gap)
 
 
 class FaultyProxy:
