@@ -45,6 +45,11 @@ class DecoderActor(StageActor):
     drops = TEXT_INPUTS + ("image_embeds",)
     uses_generators = True
 
+    def __init__(self, context):
+        if context.config.output.save_embeddings:  # carried on to the metadata with the candidates kept
+            self.drops = TEXT_INPUTS
+        super().__init__(context)
+
     def load(self) -> None:
         path = self.checkpoint("unclip")
         self.text_proj = self.load_component(path, "unclip", "text_proj")

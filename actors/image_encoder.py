@@ -8,11 +8,14 @@ import torch
 from actors.base import GENERATOR_STATE, StageActor
 from actors.text_encoder import encode_prompts
 from pipeline import images, seeds
-from pipeline.config import IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN
+from pipeline.config import (IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN,
+                             theta_max_problem)
 
 TEXT_COLUMNS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")
 SOURCE_EMBEDS = "source_embeds"
 """A variation row's source image embedding, for the reranker to score uncaptioned candidates against."""
+FRAME_THETA = "frame_theta"
+"""Per row, the theta of each frame (interpolation and textdiff), for the metadata."""
 PARALLEL_LIMIT = 1e-6
 """Below this sin(omega) two directions count as parallel and slerp falls back to the straight line."""
 
@@ -51,8 +54,9 @@ class ImageEncoderActor(StageActor):
         self.mode = config.mode
         self.sources = (list(INTERPOLATION_COLUMNS) if self.mode == "interpolation"
                         else [config.input.image_column])
-        self.drops = ("pixel_values", "given_embeds", "has_given", IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN,
-                      *self.sources)
+        self.prefixes = images.source_prefixes(self.mode)
+        self.drops = ("pixel_values", "given_embeds", "has_given", "theta_max_row", IMAGE_EMBEDDING_COLUMN,
+                      THETA_MAX_COLUMN, *self.sources)
         super().__init__(context)
 
     def load(self) -> None:
@@ -97,7 +101,9 @@ class ImageEncoderActor(StageActor):
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = super().__call__({**batch, **self._prepare(batch)})
+        prepared = self._prepare(batch)
+        batch_theta_max = prepared["theta_max_row"]
+        out = super().__call__({**batch, **prepared})
         sources = out.pop("source_embeds")
         if self.mode == "variation":  # what uncaptioned variations are scored against
             out[SOURCE_EMBEDS] = sources[:, 0]
@@ -106,11 +112,15 @@ class ImageEncoderActor(StageActor):
         trajectories = np.asarray(out["seeds"]).shape[1]
         frames = self.config.frames
         per_row = np.zeros((len(status), frames, self.dim), np.float32)
+        thetas = np.zeros((len(status), frames), np.float64)
         for i in np.nonzero(status == "ok")[0]:
-            per_row[i], reason = self._frames(sources[i], out, i, frames)
+            thetas[i] = self._thetas(frames, float(batch_theta_max[i]))
+            per_row[i], reason = self._frames(sources[i], out, i, thetas[i])
             if reason is not None:
                 status[i], errors[i] = "error", reason
         out.pop("target_embeds", None), out.pop("caption_embeds", None)
+        if self.mode != "variation":
+            out[FRAME_THETA] = thetas
         out["status"], out["error"] = status, errors
         # Image c of a row is frame c % frames of trajectory c // frames, and decodes with that trajectory's seed.
         trajectory_seeds = np.asarray(out["seeds"])
@@ -122,12 +132,19 @@ class ImageEncoderActor(StageActor):
         out["image_embeds"] = np.tile(per_row, (1, trajectories, 1))
         return out
 
-    def _frames(self, sources: np.ndarray, out: dict, i: int, frames: int) -> tuple[np.ndarray, str | None]:
+    def _thetas(self, frames: int, theta_max: float) -> np.ndarray:
+        """Each frame's theta: k / (frames - 1) for interpolation, theta_max times that for textdiff."""
+        if self.mode == "variation":
+            return np.zeros(frames)
+        steps = np.arange(frames) / (frames - 1)
+        return theta_max * steps if self.mode == "textdiff" else steps
+
+    def _frames(self, sources: np.ndarray, out: dict, i: int, thetas: np.ndarray) -> tuple[np.ndarray, str | None]:
         """The embeddings one trajectory of row i decodes, or a reason the row cannot be decoded."""
+        frames = len(thetas)
         if self.mode == "variation":
             return sources[:1], None
         if self.mode == "interpolation":
-            thetas = np.arange(frames) / (frames - 1)
             return np.stack([slerp(sources[0], sources[1], t) for t in thetas]).astype(np.float32), None
         difference = out["target_embeds"][i].astype(np.float64) - out["caption_embeds"][i].astype(np.float64)
         length = np.linalg.norm(difference)
@@ -136,35 +153,48 @@ class ImageEncoderActor(StageActor):
                                                               "embedding: there is no difference to move toward")
         image = sources[0].astype(np.float64)
         scale = np.linalg.norm(image)
-        thetas = self.config.textdiff.theta_max * np.arange(frames) / (frames - 1)
         return np.stack([scale * slerp(image / scale, difference / length, t) for t in thetas]).astype(np.float32), None
 
     def _prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoded, preprocessed pixels (or the given embedding) of each row's images; rows with an unusable image
-        (or target prompt) become error rows with the reason."""
+        """Decoded, preprocessed pixels (or the given embedding) of each row's images, what the metadata records of
+        each source image, and each row's theta_max; rows with an unusable image (or target prompt, or theta_max)
+        become error rows with the reason."""
         rows, count = len(batch["status"]), len(self.sources)
         status = np.asarray(batch["status"]).astype(object).copy()
         errors = np.asarray(batch["error"]).astype(object).copy()
         given = np.zeros((rows, count, self.dim), np.float32)
         has_given = np.zeros((rows, count), bool)
+        # Typed, with "" and 0 for "unknown": a column of only nulls would change type on its way through Ray.
+        described = {f"{prefix}{suffix}": (np.zeros(rows, np.int32) if suffix in ("_width", "_height")
+                                           else np.full(rows, "", dtype=object))
+                     for prefix in self.prefixes for suffix in images.SOURCE_SUFFIXES}
+        theta_max = np.full(rows, self.config.textdiff.theta_max, np.float64)
         decoded: dict[tuple[int, int], object] = {}
         raw_embeddings = batch.get(IMAGE_EMBEDDING_COLUMN)
         targets = batch.get(TARGET_PROMPT_COLUMN)
+        row_theta_max = batch.get(THETA_MAX_COLUMN)
+        for i in range(rows):
+            for column, prefix in zip(self.sources, self.prefixes):
+                described[prefix][i] = images.source_label(batch[column][i] if column in batch else None) or ""
         for i in np.nonzero(status == "ok")[0]:
             reason = None
             if targets is not None and not isinstance(targets[i], str):
                 reason = "target_prompt is null" if targets[i] is None else "target_prompt is not a string"
+            elif row_theta_max is not None and (reason := self._row_theta_max(row_theta_max[i], theta_max, i)):
+                pass
             elif raw_embeddings is not None and raw_embeddings[i] is not None:
                 embedding, reason = images.embedding(raw_embeddings[i], self.dim)
                 if reason is None:
                     given[i, 0], has_given[i, 0] = embedding, True
             else:
-                for s, column in enumerate(self.sources):
-                    image, reason = images.load(batch[column][i] if column in batch else None,
-                                                self.config.storage_options)
+                for s, (column, prefix) in enumerate(zip(self.sources, self.prefixes)):
+                    value = batch[column][i] if column in batch else None
+                    image, reason, digest = images.load(value, self.config.storage_options)
+                    described[f"{prefix}_sha256"][i] = digest or ""
                     if reason is not None:
                         reason = f"{column}: {reason}" if count > 1 else reason
                         break
+                    described[f"{prefix}_width"][i], described[f"{prefix}_height"][i] = image.size
                     decoded[(int(i), s)] = image
             if reason is not None:
                 status[i], errors[i] = "error", reason
@@ -175,5 +205,19 @@ class ImageEncoderActor(StageActor):
             processed = self.processor(images=[decoded[key] for key in ok], return_tensors="np").pixel_values
             for key, values in zip(ok, processed):
                 pixels[key] = values
-        return {"status": status, "error": errors, "pixel_values": pixels, "given_embeds": given,
-                "has_given": has_given}
+        prepared = {"status": status, "error": errors, "pixel_values": pixels, "given_embeds": given,
+                    "has_given": has_given, "theta_max_row": theta_max, **described}
+        if targets is not None:  # handed on to the metadata, typed as above
+            prepared[TARGET_PROMPT_COLUMN] = np.array([t if isinstance(t, str) else "" for t in targets], dtype=object)
+        return prepared
+
+    def _row_theta_max(self, value, theta_max: np.ndarray, i: int) -> str | None:
+        """Take row i's own theta_max into theta_max[i] (null keeps the configured one); or why it is unusable."""
+        if isinstance(value, (np.integer, np.floating)):
+            value = value.item()
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return None
+        problem = theta_max_problem(value, THETA_MAX_COLUMN)
+        if problem is None:
+            theta_max[i] = float(value)
+        return problem

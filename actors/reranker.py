@@ -99,7 +99,7 @@ class RerankerActor(StageActor):
         order = np.argsort(-scores, axis=1, kind="stable")[:, : self.keep]
         ok = np.asarray(out["status"]).astype(object) == "ok"
         order[~ok] = np.arange(self.keep)
-        for column in ("seeds", GENERATOR_STATE, self.column):
+        for column in ("seeds", GENERATOR_STATE, "image_embeds", self.column):
             if column in out:
                 values = np.asarray(out[column])
                 index = order.reshape(order.shape + (1,) * (values.ndim - 2))

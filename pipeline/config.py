@@ -33,6 +33,10 @@ INTERPOLATION_COLUMNS = ("image_a", "image_b")
 """The two images of each interpolation row."""
 TARGET_PROMPT_COLUMN = "target_prompt"
 """The caption a textdiff row moves its image toward."""
+THETA_MAX_COLUMN = "theta_max"
+"""Optional textdiff input column: the row's own textdiff.theta_max (null: the configured one)."""
+FRAMES_COLUMN = "frames"
+"""Not read: every row of a run decodes the same number of frames (interpolation.frames / textdiff.frames)."""
 
 
 class ConfigError(ValueError):
@@ -255,6 +259,13 @@ class RerankConfig:
         _require(self.at in RERANK_AT, f"rerank.at must be one of {', '.join(RERANK_AT)}, got {self.at!r}")
 
 
+def theta_max_problem(value, key: str = "textdiff.theta_max") -> str | None:
+    """Why a theta_max value is unusable, or None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return None
+    return f"{key} must be a number in (0, 1], got {value!r}"
+
+
 def _check_frames(frames, key: str) -> None:
     _require(isinstance(frames, int) and not isinstance(frames, bool) and frames >= 2,
              f"{key} must be an integer >= 2 (images per row, from one end to the other), got {frames!r}")
@@ -283,8 +294,8 @@ class TextdiffConfig:
 
     def __post_init__(self) -> None:
         _check_frames(self.frames, "textdiff.frames")
-        _require(isinstance(self.theta_max, (int, float)) and not isinstance(self.theta_max, bool)
-                 and 0 < self.theta_max <= 1, f"textdiff.theta_max must be a number in (0, 1], got {self.theta_max!r}")
+        problem = theta_max_problem(self.theta_max)
+        _require(problem is None, problem or "")
 
 
 @dataclass
@@ -360,6 +371,9 @@ class OutputConfig:
     lease_s: float = 60.0
     """Seconds a driver's claim on the output lasts without renewal (renewed every third of it): a second
     driver on the same output refuses while the first lives, and takes over this long after it died."""
+    save_embeddings: bool = False
+    """Also store each kept image's CLIP image embedding (the prior's sample in text mode, the decoded, possibly
+    interpolated one in the image modes) in the metadata column `image_embedding` (list<float32>)."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.path, str) and self.path != "",
@@ -376,6 +390,8 @@ class OutputConfig:
         _require(self.mode in OUTPUT_MODES, f"output.mode must be one of {', '.join(OUTPUT_MODES)}, got {self.mode!r}")
         _require(isinstance(self.lease_s, (int, float)) and not isinstance(self.lease_s, bool) and self.lease_s >= 1,
                  f"output.lease_s must be a number of seconds >= 1, got {self.lease_s!r}")
+        _require(isinstance(self.save_embeddings, bool),
+                 f"output.save_embeddings must be true or false, got {self.save_embeddings!r}")
 
 
 @dataclass

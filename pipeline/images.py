@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -14,6 +16,23 @@ MAX_PIXELS = 64_000_000
 """Larger images are refused before they are decoded: a small file can decode to gigabytes (a decompression bomb)."""
 
 
+SOURCE_SUFFIXES = ("", "_sha256", "_width", "_height")
+"""Metadata of each source image, after its prefix: where it came from (the path / URL, or `bytes`), the SHA-256
+of its encoded bytes, and its size in pixels."""
+
+
+def source_prefixes(mode: str) -> tuple[str, ...]:
+    """The metadata prefix of each source image of a row: `source`, or `source_a` and `source_b`."""
+    return ("source_a", "source_b") if mode == "interpolation" else ("source",)
+
+
+def source_label(value) -> str | None:
+    """Where an input image came from, as recorded: its path / URL, `bytes`, or None (no image)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes"
+    return value if isinstance(value, str) else None
+
+
 def _detail(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else "no detail"
     return f"{type(exc).__name__}: {text}"
@@ -21,7 +40,7 @@ def _detail(exc: BaseException) -> str:
 
 def fetch(value, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
     """(the encoded image, None), or (None, why it cannot be had)."""
-    if value is None:
+    if value is None or (isinstance(value, float) and value != value):  # NaN: how a null can come out of Ray
         return None, "image is null"
     if isinstance(value, (bytes, bytearray, memoryview)):
         data, where = bytes(value), "image bytes"
@@ -63,12 +82,22 @@ def decode(data: bytes, where: str = "image") -> tuple[Image.Image | None, str |
         return None, f"{where} cannot be decoded as an image ({_detail(exc)})"
 
 
-def load(value, storage_options: dict | None = None) -> tuple[Image.Image | None, str | None]:
-    """Fetch and decode one input image value; (None, reason) for an error row."""
+class Loaded(NamedTuple):
+    image: Image.Image | None
+    """The image as RGB, or None when it cannot be had."""
+    reason: str | None
+    """Why there is no image (one line), or None."""
+    sha256: str | None = None
+    """SHA-256 of the encoded bytes, when they could be fetched."""
+
+
+def load(value, storage_options: dict | None = None) -> Loaded:
+    """Fetch and decode one input image value; a reason instead of the image for an error row."""
     data, reason = fetch(value, storage_options)
     if reason is not None:
-        return None, reason
-    return decode(data, f"image {value}" if isinstance(value, str) else "image bytes")
+        return Loaded(None, reason)
+    image, reason = decode(data, f"image {value}" if isinstance(value, str) else "image bytes")
+    return Loaded(image, reason, hashlib.sha256(data).hexdigest())
 
 
 def embedding(value, dim: int) -> tuple[np.ndarray | None, str | None]:

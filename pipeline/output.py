@@ -80,6 +80,8 @@ def run_identity(config: Config, resolved: dict[str, str] | None = None) -> dict
             identity.pop(key, None)
     if not config.image_mode:
         identity.pop("mode", None)
+    if not config.output.save_embeddings:  # as in outputs made before the setting existed
+        identity.pop("output.save_embeddings", None)
     if flat[WINDOW_KEY] is not None:  # one output, one window: another window here is a different run
         identity[WINDOW_KEY] = flat[WINDOW_KEY]
     identity.update({RESOLVED_PREFIX + stage: value for stage, value in (resolved or {}).items()})

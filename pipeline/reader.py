@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import rowids, seeds, storage
-from pipeline.config import IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN, Config
+from pipeline.config import (FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN,
+                             THETA_MAX_COLUMN, Config)
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -143,6 +144,10 @@ def preflight(config: Config) -> InputInfo:
 def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
     """The mode's own columns in one file of an image-mode input (images, embeddings, target prompts), checked."""
     spec, names, mode = config.input, schema.names, config.mode
+    if mode != "variation" and FRAMES_COLUMN in names:
+        raise InputError(f"input file {path} has a '{FRAMES_COLUMN}' column, but every row of a run decodes the "
+                         f"same number of frames: set {mode}.frames, and split the input by frame count if rows "
+                         "need different ones (or rename the column)")
 
     def missing(column: str, what: str) -> InputError:
         return InputError(f"input file {path} has no column '{column}' (columns: {', '.join(names)}); {mode} mode "
@@ -163,6 +168,12 @@ def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
                 or pa.types.is_large_string(schema.field(TARGET_PROMPT_COLUMN).type)):
             raise InputError(f"input column '{TARGET_PROMPT_COLUMN}' in {path} is "
                              f"{schema.field(TARGET_PROMPT_COLUMN).type}, expected strings")
+        if THETA_MAX_COLUMN in names:
+            kind = schema.field(THETA_MAX_COLUMN).type
+            if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+                raise InputError(f"input column '{THETA_MAX_COLUMN}' in {path} is {kind}, expected numbers in "
+                                 "(0, 1] (null: textdiff.theta_max)")
+            found.append(THETA_MAX_COLUMN)
     else:
         found = [c for c in (spec.image_column, IMAGE_EMBEDDING_COLUMN) if c in names]
         if not found:
@@ -175,7 +186,7 @@ def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
                     or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
                 raise InputError(f"input column '{column}' in {path} is {kind}, expected a list of floats (a raw "
                                  "CLIP image embedding)")
-        elif column != TARGET_PROMPT_COLUMN and not (
+        elif column not in (TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN) and not (
                 pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
                 or pa.types.is_large_string(kind)):
             raise InputError(f"input column '{column}' in {path} is {kind}, expected encoded image bytes (binary) "

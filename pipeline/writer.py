@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import images as source_images
 from pipeline import storage
-from pipeline.config import Config
+from pipeline.config import IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN, Config
 from pipeline.counters import merge_stage_counters
 from pipeline.lease import LEASE_FILE, read_lease
 
@@ -34,6 +35,38 @@ METADATA_SCHEMA = pa.schema([
     ("image_key", pa.string()), ("shard", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("status", pa.string()), ("error", pa.string()), ("truncated", pa.bool_()),
 ])
+
+
+FRAME_THETA = "frame_theta"
+"""Per row, the theta of each frame, as the image encoder hands it on (interpolation and textdiff)."""
+
+
+def metadata_schema(config: Config) -> pa.Schema:
+    """The metadata columns of a run: the common ones, then the mode's and the options'.
+
+    Image modes add `mode`, per source image its origin, SHA-256 and size (`source_*`, or `source_a_*` and
+    `source_b_*` for interpolation), each image's `frame` and `theta`, and textdiff its `target_prompt`;
+    output.save_embeddings adds each image's CLIP image embedding."""
+    fields = list(METADATA_SCHEMA)
+    if config.image_mode:
+        fields.append(pa.field("mode", pa.string()))
+        for prefix in source_images.source_prefixes(config.mode):
+            fields += [pa.field(prefix, pa.string()), pa.field(f"{prefix}_sha256", pa.string()),
+                       pa.field(f"{prefix}_width", pa.int32()), pa.field(f"{prefix}_height", pa.int32())]
+        fields += [pa.field("frame", pa.int32()), pa.field("theta", pa.float64())]
+        if config.mode == "textdiff":
+            fields.append(pa.field(TARGET_PROMPT_COLUMN, pa.string()))
+    if config.output.save_embeddings:
+        fields.append(pa.field(IMAGE_EMBEDDING_COLUMN, pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def _optional(value, kind=str):
+    """A row-level value as the stages hand it on, with "" or 0 for unknown -> the value or None."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    value = kind(value)
+    return value if value else None
 
 
 def safe_key(row_id: str) -> str:
@@ -158,33 +191,59 @@ class WebDatasetSink(ImageSink):
 SINKS: dict[str, type[ImageSink]] = {"files": FileSink, "webdataset": WebDatasetSink}
 
 
-def _rows_of(batch: dict[str, np.ndarray], i: int, shard: str, sink: ImageSink | None) -> list[dict]:
-    base = {"id": str(batch["id"][i]), "prompt": str(batch["prompt"][i]), "shard": shard,
-            "status": str(batch["status"][i]), "error": str(batch["error"][i]) or None,
-            "truncated": bool(batch["truncated"][i])}
-    seeds = np.asarray(batch["seeds"][i])
-    if base["status"] != "ok":
-        if "row_seed" in batch:  # the row's own value, even a rejected one; null when int64 cannot hold it
-            seed = int(batch["row_seed"][i]) if bool(batch["row_seed_known"][i]) else None
-        else:
-            seed = int(seeds[0]) if len(seeds) else None
-        return [{**base, "seed": seed}]
-    kept = np.asarray(batch["candidate"][i]) if "candidate" in batch else np.arange(len(seeds))
-    scores = np.asarray(batch["clip_score"][i]) if "clip_score" in batch else None
-    all_scores = ([float(s) for s in np.asarray(batch["candidate_scores"][i])]
-                  if "candidate_scores" in batch else None)
-    images = np.asarray(batch["image"][i])
-    rows = []
-    for rank, candidate in enumerate(kept):
-        pixels = images[rank]
-        row = {**base, "seed": int(seeds[rank]), "candidate": int(candidate), "rank": rank,
-               "clip_score": float(scores[rank]) if scores is not None else None, "candidate_scores": all_scores,
-               "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
-        key = f"{safe_key(base['id'])}_{int(candidate)}"
-        meta = {k: v for k, v in row.items() if k not in ("shard", "status", "error")}
-        row["image_key"] = sink.add(key, pixels, meta)
-        rows.append(row)
-    return rows
+class MetadataRows:
+    """Turns a batch row into its metadata rows (one per kept image, or one for an error row), adding each
+    image to the sink under a key unique per (id, candidate, frame)."""
+
+    def __init__(self, config: Config):
+        self.schema = metadata_schema(config)
+        self.mode = config.mode if config.image_mode else None
+        self.frames = config.frames
+        self.row_columns = [name for name in self.schema.names if name.startswith("source")]
+        if TARGET_PROMPT_COLUMN in self.schema.names:
+            self.row_columns.append(TARGET_PROMPT_COLUMN)
+        self.embeddings = IMAGE_EMBEDDING_COLUMN in self.schema.names
+
+    def __call__(self, batch: dict[str, np.ndarray], i: int, shard: str, sink: ImageSink | None) -> list[dict]:
+        base = {"id": str(batch["id"][i]), "prompt": str(batch["prompt"][i]), "shard": shard,
+                "status": str(batch["status"][i]), "error": str(batch["error"][i]) or None,
+                "truncated": bool(batch["truncated"][i])}
+        if self.mode:
+            base["mode"] = self.mode
+            for column in self.row_columns:
+                kind = int if column.endswith(("_width", "_height")) else str
+                base[column] = _optional(batch[column][i], kind) if column in batch else None
+        seeds = np.asarray(batch["seeds"][i])
+        if base["status"] != "ok":
+            if "row_seed" in batch:  # the row's own value, even a rejected one; null when int64 cannot hold it
+                seed = int(batch["row_seed"][i]) if bool(batch["row_seed_known"][i]) else None
+            else:
+                seed = int(seeds[0]) if len(seeds) else None
+            return [{**base, "seed": seed}]
+        kept = np.asarray(batch["candidate"][i]) if "candidate" in batch else np.arange(len(seeds))
+        scores = np.asarray(batch["clip_score"][i]) if "clip_score" in batch else None
+        all_scores = ([float(s) for s in np.asarray(batch["candidate_scores"][i])]
+                      if "candidate_scores" in batch else None)
+        pixels_of = np.asarray(batch["image"][i])
+        thetas = np.asarray(batch[FRAME_THETA][i]) if FRAME_THETA in batch else None
+        rows = []
+        for rank, index in enumerate(kept):
+            pixels = pixels_of[rank]
+            # Image `index` of a row is frame index % frames of candidate (trajectory) index // frames.
+            candidate, frame = divmod(int(index), self.frames)
+            row = {**base, "seed": int(seeds[rank]), "candidate": candidate, "rank": rank,
+                   "clip_score": float(scores[rank]) if scores is not None else None,
+                   "candidate_scores": all_scores, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
+            if self.mode:
+                row["frame"] = frame
+                row["theta"] = float(thetas[frame]) if thetas is not None else None
+            if self.embeddings:
+                row[IMAGE_EMBEDDING_COLUMN] = np.asarray(batch["image_embeds"][i][rank], np.float32).tolist()
+            key = f"{safe_key(base['id'])}_{candidate}" + (f"_{frame}" if self.frames > 1 else "")
+            meta = {k: v for k, v in row.items() if k not in ("shard", "status", "error")}
+            row["image_key"] = sink.add(key, pixels, meta)
+            rows.append(row)
+        return rows
 
 
 class FencedOut(RuntimeError):
@@ -202,6 +261,7 @@ class ShardWriter:
         self.output = config.output
         self.storage_options = config.storage_options
         self.attempt = attempt
+        self.rows_of = MetadataRows(config)
 
     def _check_lease(self, fs, root: str) -> None:
         if self.attempt is None:
@@ -217,9 +277,9 @@ class ShardWriter:
         self._check_lease(fs, root)
         shard = shard_name(batch["id"], self.attempt)
         sink = SINKS[self.output.format](fs, root, shard, self.output.image_format, self.output.quality)
-        rows = [row for i in range(len(batch["id"])) for row in _rows_of(batch, i, shard, sink)]
+        rows = [row for i in range(len(batch["id"])) for row in self.rows_of(batch, i, shard, sink)]
         sink.commit()
-        table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=self.rows_of.schema)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         statuses = np.asarray(batch["status"]).astype(object)

@@ -88,7 +88,8 @@ SHARED_SECRET = "hunter2"
 SHARED_SETS = FAST_STEPS + [
     # Passes of several images, and blocks the two replicas of each stage split between them.
     "stages.prior.batch_size=4", "stages.decoder.batch_size=3", "stages.upsampler_256.batch_size=2",
-    "stages.upsampler_1024.batch_size=2", "output.shard_size=2", f"storage_options.secret={SHARED_SECRET}"]
+    "stages.upsampler_1024.batch_size=2", "output.shard_size=2", f"storage_options.secret={SHARED_SECRET}",
+    "output.save_embeddings=true"]
 
 
 @dataclass(frozen=True)

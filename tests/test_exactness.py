@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -224,14 +227,16 @@ def _text_embedding(reference, text):
         return pipe.text_encoder(ids).text_embeds[0].double().numpy()
 
 
-def test_interpolation_frames_equal_variations_of_the_slerped_embeddings(tiny_models, reference):
+def test_interpolation_frames_equal_variations_of_the_slerped_embeddings(tiny_models, reference, tmp_path):
     from benchmarks.local import image_batch, run_stages
 
     image_a, image_b = _source_images(2)
-    batch = image_batch([None], [[11]], image_a=[_encoded(image_a)], image_b=[_encoded(image_b)])
+    (tmp_path / "b.png").write_bytes(_encoded(image_b))
+    batch = image_batch([None], [[11]], image_a=[_encoded(image_a)], image_b=[str(tmp_path / "b.png")])
     del batch["image"]
-    frames = run_stages(variation_config(tiny_models, "mode=interpolation", "interpolation.frames=5",
-                                         "stages.decoder.batch_size=2"), batch)["image"][0]
+    config = variation_config(tiny_models, "mode=interpolation", "interpolation.frames=5", "stages.decoder.batch_size=2")
+    out = run_stages(config, batch)
+    frames = out["image"][0]
     assert frames.shape == (5, 64, 64, 3)
     z_a, z_b = _image_embedding(reference, image_a), _image_embedding(reference, image_b)
     for k in (0, 2, 4):
@@ -243,31 +248,70 @@ def test_interpolation_frames_equal_variations_of_the_slerped_embeddings(tiny_mo
     wrong_theta = reference.variation(11, image_embeddings=_slerp(z_a, z_b, 0.25), decoder_steps=4, super_res_steps=3)
     assert not within_tolerance(frames[2], wrong_theta)
 
+    metadata = _written_metadata(config, out, tmp_path)
+    assert sorted(metadata) == [("row0", 0, k) for k in range(5)]
+    for k in range(5):
+        row = metadata[("row0", 0, k)]
+        assert (row["theta"], row["seed"], row["image_key"]) == (pytest.approx(k / 4), 11, f"images/row0_0_{k}.png")
+        assert (row["source_a"], row["source_b"]) == ("bytes", str(tmp_path / "b.png"))
+        assert (row["source_a_width"], row["source_a_height"], row["source_b_width"], row["source_b_height"]) == (
+            56, 40, 56, 48)
+        assert row["source_b_sha256"] == hashlib.sha256(_encoded(image_b)).hexdigest()
 
-def test_textdiff_frames_turn_the_image_embedding_toward_the_caption_change(tiny_models, reference):
+
+def _written_metadata(config, out, tmp_path) -> dict:
+    """The metadata rows the shard writer makes of a stage chain's output, by (id, candidate, frame)."""
+    import dataclasses
+
+    from pipeline.writer import ShardWriter
+
+    output = dataclasses.replace(config.output, path=str(tmp_path / "written"))
+    ShardWriter(dataclasses.replace(config, output=output))(out)
+    rows = pq.read_table(tmp_path / "written" / "metadata").to_pylist()
+    return {(r["id"], r["candidate"], r["frame"]): r for r in rows}
+
+
+def test_textdiff_frames_turn_the_image_embedding_toward_the_caption_change(tiny_models, reference, tmp_path):
     from benchmarks.local import image_batch, run_stages
 
     image = _source_images(1)[0]
     config = variation_config(tiny_models, "mode=textdiff", "textdiff.frames=4", "textdiff.theta_max=0.6",
-                              "rerank.candidates=2", "rerank.keep=2")
-    out = run_stages(config, image_batch([_encoded(image), _encoded(image)], [[5, 6], [9, 10]],
-                                         prompts=["a photo of noise", "same words"],
-                                         target_prompt=["an oil painting of noise", "same words"]))
-    assert list(out["status"]) == ["ok", "error"] and "no difference to move toward" in out["error"][1]
+                              "rerank.candidates=2", "rerank.keep=2", "output.save_embeddings=true")
+    # Row 2 sets its own theta_max (a null one keeps textdiff.theta_max); row 3's is out of range.
+    batch = image_batch([_encoded(image)] * 4, [[5, 6], [9, 10], [3, 4], [1, 2]],
+                        prompts=["a photo of noise", "same words", "a photo of noise", "x"],
+                        target_prompt=["an oil painting of noise", "same words", "an oil painting of noise", "y"],
+                        theta_max=[None, None, 1.0, 1.5])
+    out = run_stages(config, batch)
+    assert list(out["status"]) == ["ok", "error", "ok", "error"]
+    assert "no difference to move toward" in out["error"][1]
+    assert out["error"][3] == "theta_max must be a number in (0, 1], got 1.5"
     assert [int(s) for s in out["seeds"][0]] == [5] * 4 + [6] * 4  # two trajectories of four frames
     z_image = _image_embedding(reference, image)
     difference = _text_embedding(reference, "an oil painting of noise") - _text_embedding(reference, "a photo of noise")
     direction = difference / np.linalg.norm(difference)
     scale = np.linalg.norm(z_image)
-    for candidate, seed, theta in ((0, 5, 0.0), (3, 5, 0.6), (7, 6, 0.6)):
+    for row, candidate, seed, theta in ((0, 0, 5, 0.0), (0, 3, 5, 0.6), (0, 7, 6, 0.6), (2, 3, 3, 1.0)):
         expected = reference.variation(seed, image_embeddings=scale * _slerp(z_image / scale, direction, theta),
                                        decoder_steps=4, super_res_steps=3)
-        ours = out["image"][0, candidate]
-        assert within_tolerance(ours, expected), f"image {candidate}: {psnr(ours, expected):.1f} dB"
+        ours = out["image"][row, candidate]
+        assert within_tolerance(ours, expected), f"row {row} image {candidate}: {psnr(ours, expected):.1f} dB"
     assert within_tolerance(out["image"][0, 0], reference.variation(5, image=image, decoder_steps=4, super_res_steps=3))
     wrong_theta = reference.variation(5, image_embeddings=scale * _slerp(z_image / scale, direction, 0.4),
                                       decoder_steps=4, super_res_steps=3)
     assert not within_tolerance(out["image"][0, 3], wrong_theta)
+
+    metadata = _written_metadata(config, out, tmp_path)
+    assert len(metadata) == 2 * 8 + 2
+    last = metadata[("row0", 1, 3)]  # candidate (trajectory) 1, frame 3: image 7 of the row
+    assert (last["mode"], last["seed"], last["theta"], last["target_prompt"]) == (
+        "textdiff", 6, pytest.approx(0.6), "an oil painting of noise")
+    assert (last["source"], last["source_width"], last["source_height"]) == ("bytes", 56, 40)
+    assert last["source_sha256"] == hashlib.sha256(_encoded(image)).hexdigest()
+    embedding = scale * _slerp(z_image / scale, direction, 0.6)
+    np.testing.assert_allclose(last["image_embedding"], embedding, rtol=1e-4, atol=1e-4)
+    assert metadata[("row2", 0, 3)]["theta"] == pytest.approx(1.0)
+    assert metadata[("row3", None, None)]["error"] == "theta_max must be a number in (0, 1], got 1.5"
 
 
 def test_an_image_encoder_from_a_clip_model_snapshot_embeds_as_clip_does(tiny_models):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 
@@ -21,6 +22,16 @@ def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def source_embedding(reference, image: Image.Image) -> np.ndarray:
+    """The reference pipeline's raw image embedding of a source image (what a variation decodes)."""
+    import torch
+
+    pipe = reference.variations
+    with torch.no_grad():
+        pixels = pipe.feature_extractor(images=image, return_tensors="pt").pixel_values
+        return pipe.image_encoder(pixels).image_embeds[0].numpy()
 
 
 def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny_models, ray_session, s3_endpoint,
@@ -55,7 +66,7 @@ def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny
     config = load_config(None, FAST_STEPS + ONE_GPU + model_overrides(tiny_models, upsampler_1024=False) + [
         "mode=variation", "rerank.candidates=2", "rerank.keep=2", "stages.image_encoder.batch_size=2",
         "stages.decoder.batch_size=3", "stages.upsampler_256.batch_size=2", "output.shard_size=3",
-        "storage_options.key=testing", f"storage_options.secret={SECRET}",
+        "storage_options.key=testing", f"storage_options.secret={SECRET}", "output.save_embeddings=true",
     ], input_path=f"s3://{bucket}/input/", output_path=f"s3://{bucket}/out")
     summary = generate(config).summary
     assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (3, 5, 6)
@@ -71,11 +82,22 @@ def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny
     assert errors["empty"] == f"image s3://{bucket}/images/empty.png is empty (0 bytes)"
     assert errors["huge"] == "image bytes is 8001x8001, more than 64 megapixels; downscale it first"
     assert errors["null"] == "image is null"
+    # Where each row's image came from, even for error rows.
+    assert (metadata[("missing", None)]["source"], metadata[("missing", None)]["source_sha256"]) == (
+        f"s3://{bucket}/images/missing.png", None)
+    assert metadata[("corrupt", None)]["source_sha256"] == hashlib.sha256(rows["corrupt"]).hexdigest()
+    assert metadata[("null", None)]["source"] is None
     reference = Reference(tiny_models["unclip"], None)
     for i, row_id in enumerate(["s3-0", "s3-1", "bytes-2"]):
+        embedding = source_embedding(reference, sources[i])
         for candidate in (0, 1):
             row = metadata[(row_id, candidate)]
             assert row["status"] == "ok" and -100 <= row["clip_score"] <= 100
+            assert (row["mode"], row["frame"], row["theta"]) == ("variation", 0, None)
+            assert row["source"] == (rows[row_id] if isinstance(rows[row_id], str) else "bytes")
+            assert row["source_sha256"] == hashlib.sha256(encoded(sources[i])).hexdigest()
+            assert (row["source_width"], row["source_height"]) == sources[i].size
+            np.testing.assert_allclose(row["image_embedding"], embedding, rtol=1e-4, atol=1e-5)
             image = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{bucket}/out/{row['image_key']}"))))
             expected = reference.variation(row["seed"], image=sources[i], decoder_steps=4, super_res_steps=3)
             assert within_tolerance(image, expected), f"{row_id}/{candidate}: {psnr(image, expected):.1f} dB"

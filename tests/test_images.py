@@ -28,7 +28,7 @@ def test_bytes_and_paths_decode_to_rgb_as_stored(tmp_path):
     gray = png(5, 3, "L")
     (tmp_path / "a.png").write_bytes(gray)
     for value in (gray, str(tmp_path / "a.png"), f"file://{tmp_path / 'a.png'}"):
-        image, reason = images.load(value)
+        image, reason, _ = images.load(value)
         assert reason is None and image.mode == "RGB" and image.size == (5, 3)
 
 
@@ -44,16 +44,16 @@ def test_bytes_and_paths_decode_to_rgb_as_stored(tmp_path):
     (png(8001, 8001, "1"), r"^image bytes is 8001x8001, more than 64 megapixels; downscale it first$"),
 ])
 def test_unusable_values_are_reasons(value, reason):
-    image, why = images.load(value() if callable(value) else value)
+    image, why, _ = images.load(value() if callable(value) else value)
     assert image is None
     assert why is not None and "\n" not in why
     assert re.search(reason, why), why
 
 
 def test_missing_and_empty_files_name_the_path(tmp_path):
-    assert images.load(str(tmp_path / "nope.png")) == (None, f"image {tmp_path / 'nope.png'} does not exist")
+    assert images.load(str(tmp_path / "nope.png")) == (None, f"image {tmp_path / 'nope.png'} does not exist", None)
     (tmp_path / "zero.png").write_bytes(b"")
-    assert images.load(str(tmp_path / "zero.png")) == (None, f"image {tmp_path / 'zero.png'} is empty (0 bytes)")
+    assert images.load(str(tmp_path / "zero.png")) == (None, f"image {tmp_path / 'zero.png'} is empty (0 bytes)", None)
 
 
 def test_given_embeddings_are_checked():

@@ -306,3 +306,8 @@ def test_text_runs_recorded_before_the_image_modes_still_resume_and_other_modes_
     assert differing_keys(older, current) == []
     assert differing_keys(run_identity(variation), current) == ["mode"]
     assert "mode" in differing_keys(older, run_identity(variation))
+    # Saving embeddings changes the metadata's columns: a resume must keep the setting either way.
+    saving = load_config(None, ["models.unclip=/m", "output.save_embeddings=true"], input_path="in.parquet",
+                         output_path=str(tmp_path))
+    assert differing_keys(run_identity(saving), current) == ["output.save_embeddings"]
+    assert differing_keys(current, run_identity(saving)) == ["output.save_embeddings"]

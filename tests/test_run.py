@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from jobs.generate import main
-from tests.conftest import FAST_STEPS, ONE_GPU, SHARED_SECRET, model_overrides, write_prompts
+from pipeline.config import load_config
+from tests.conftest import FAST_STEPS, ONE_GPU, SHARED_SECRET, model_overrides, run_in_process, write_prompts
 
 METADATA_COLUMNS = {"id", "prompt", "seed", "candidate", "rank", "clip_score", "candidate_scores", "image_key",
                 "width", "height", "status", "error", "truncated"}
@@ -39,6 +41,11 @@ def test_cli_run_writes_images_metadata_and_summary_last(shared_run):
             assert image.size == (row["width"], row["height"]) == (256, 256)
         assert row["candidate"] == 0 and row["rank"] == 0 and row["candidate_scores"] == [pytest.approx(row["clip_score"])]
         assert row["id"].startswith("p-")  # derived from the file name and row position
+    # output.save_embeddings: each image's embedding is the prior's sample for its prompt and seed.
+    config = load_config(None, shared_run.sets, input_path=shared_run.prompts, output_path="unused")
+    sampled = run_in_process(config, [r["prompt"] for r in rows], [[r["seed"]] for r in rows], stop_after="prior")
+    for row, expected in zip(rows, sampled["image_embeds"][:, 0]):
+        np.testing.assert_allclose(row["image_embedding"], expected, rtol=1e-3, atol=1e-4)
 
     summary_path = output / "_SUCCESS.json"
     summary = json.loads(summary_path.read_text())

@@ -116,3 +116,40 @@ def test_an_error_row_records_the_seed_it_was_given_or_none(tmp_path):
            "row_seed": np.array([-1, 0, 2**63 - 1], dtype=np.int64), "row_seed_known": np.array([True, False, True])})
     recorded = {r["id"]: r["seed"] for r in pq.read_table(out / "metadata").to_pylist()}
     assert recorded == {"negative": -1, "too-big": None, "bad-prompt": 2**63 - 1}
+
+
+def test_image_mode_metadata_names_sources_frames_and_embeddings(tmp_path):
+    # A textdiff batch as the stages hand it on: one row, 2 trajectories x 3 frames, plus an error row.
+    write, out = writer(tmp_path, "mode=textdiff", "textdiff.frames=3", "rerank.candidates=2", "rerank.keep=2",
+                        "output.save_embeddings=true")
+    rng = np.random.default_rng(1)
+    data = {
+        "id": np.array(["a", "b"], dtype=object), "prompt": np.array(["cat", ""], dtype=object),
+        "status": np.array(["ok", "error"], dtype=object), "error": np.array(["", "image is null"], dtype=object),
+        "truncated": np.zeros(2, bool), "seeds": np.array([[5, 5, 5, 6, 6, 6]] * 2, dtype=np.int64),
+        "image": rng.integers(0, 256, (2, 6, 4, 4, 3), dtype=np.uint8),
+        "image_embeds": rng.normal(size=(2, 6, 8)).astype(np.float32),
+        "frame_theta": np.array([[0.0, 0.2, 0.4], [0.0, 0.0, 0.0]]),
+        "source": np.array(["s3://b/cat.png", ""], dtype=object),  # "" and 0: unknown
+        "source_sha256": np.array(["ab" * 32, ""], dtype=object),
+        "source_width": np.array([40, 0], np.int32), "source_height": np.array([30, 0], np.int32),
+        "target_prompt": np.array(["dog", "dog"], dtype=object),
+    }
+    write(data)
+    table = pq.read_table(out / "metadata")
+    assert {"mode", "source", "source_sha256", "source_width", "source_height", "frame", "theta", "target_prompt",
+            "image_embedding"} <= set(table.schema.names)
+    rows = {(r["id"], r["candidate"], r["frame"]): r for r in table.to_pylist()}
+    assert len(rows) == 7
+    assert (rows[("b", None, None)]["source"], rows[("b", None, None)]["source_width"]) == (None, None)
+    for index in range(6):
+        candidate, frame = divmod(index, 3)
+        row = rows[("a", candidate, frame)]
+        assert row["seed"] == 5 + candidate and row["theta"] == pytest.approx(0.2 * frame)
+        assert row["image_key"] == f"images/a_{candidate}_{frame}.png"
+        assert np.allclose(row["image_embedding"], data["image_embeds"][0, index])
+        assert (row["mode"], row["source"], row["source_width"], row["source_height"], row["target_prompt"]) == (
+            "textdiff", "s3://b/cat.png", 40, 30, "dog")
+        with Image.open(out / row["image_key"]) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), data["image"][0, index])
+
