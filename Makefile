@@ -26,7 +26,7 @@ demo-variations: $(STAMP)
 		--output $(DEMO_OUTPUT)-variations --set mode=variation --set rerank.candidates=2 --set output.mode=overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=30
 
 # The scheduling benchmark (no models): prints a table; see docs/BENCHMARKS.md for the other modes.
 bench: $(STAMP)

@@ -17,13 +17,18 @@ card's SM count, so draws from a CUDA generator would differ between GPU models.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where generators are made, not here: the input readers derive seeds in Ray tasks that
+# would otherwise each pay the second it takes to import torch.
 SEED_LIMIT = 2**63
-GENERATOR_STATE_BYTES = torch.Generator("cpu").get_state().numel()
-"""Size of the state that travels between stages: the CPU generator's mt19937 table (5056 bytes)."""
+GENERATOR_STATE_BYTES = 5056
+"""Size of the state that travels between stages: the CPU generator's mt19937 table (checked when one is made)."""
 
 
 def _hash63(text: str) -> int:
@@ -45,16 +50,24 @@ def best_of_seed(candidate_seed: int, sample: int) -> int:
 
 def new_generator(seed: int) -> torch.Generator:
     """The CPU generator of a seed."""
+    import torch
+
     return torch.Generator("cpu").manual_seed(int(seed))
 
 
 def generator_state(generator: torch.Generator) -> np.ndarray:
     """The generator's full state as bytes (the CPU generator's mt19937 table: GENERATOR_STATE_BYTES)."""
-    return generator.get_state().numpy().copy()
+    state = generator.get_state().numpy().copy()
+    if state.size != GENERATOR_STATE_BYTES:
+        raise RuntimeError(f"this torch's CPU generator state has {state.size} bytes, not {GENERATOR_STATE_BYTES}: "
+                           "update pipeline.seeds.GENERATOR_STATE_BYTES")
+    return state
 
 
 def restore_generator(state: np.ndarray) -> torch.Generator:
     """The CPU generator continuing from `state` (bytes from generator_state)."""
+    import torch
+
     generator = torch.Generator("cpu")
     generator.set_state(torch.from_numpy(np.ascontiguousarray(state, dtype=np.uint8)))
     return generator
