@@ -8,14 +8,12 @@ import torch
 from actors.base import GENERATOR_STATE, StageActor
 from actors.text_encoder import encode_prompts
 from pipeline import images, seeds
-from pipeline.config import (IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN,
-                             theta_max_problem)
+from pipeline.config import (FRAME_THETA_COLUMN, IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN,
+                             THETA_MAX_COLUMN, theta_max_problem)
 
 TEXT_COLUMNS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")
 SOURCE_EMBEDS = "source_embeds"
 """A variation row's source image embedding, for the reranker to score uncaptioned candidates against."""
-FRAME_THETA = "frame_theta"
-"""Per row, the theta of each frame (interpolation and textdiff), for the metadata."""
 PARALLEL_LIMIT = 1e-6
 """Below this sin(omega) two directions count as parallel and slerp falls back to the straight line."""
 
@@ -55,8 +53,8 @@ class ImageEncoderActor(StageActor):
         self.sources = (list(INTERPOLATION_COLUMNS) if self.mode == "interpolation"
                         else [config.input.image_column])
         self.prefixes = images.source_prefixes(self.mode)
-        self.drops = ("pixel_values", "given_embeds", "has_given", "theta_max_row", IMAGE_EMBEDDING_COLUMN,
-                      THETA_MAX_COLUMN, *self.sources)
+        self.drops = ("pixel_values", "given_embeds", "has_given", IMAGE_EMBEDDING_COLUMN, THETA_MAX_COLUMN,
+                      *self.sources)
         super().__init__(context)
 
     def load(self) -> None:
@@ -101,8 +99,7 @@ class ImageEncoderActor(StageActor):
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prepared = self._prepare(batch)
-        batch_theta_max = prepared["theta_max_row"]
+        prepared, theta_max = self._prepare(batch)
         out = super().__call__({**batch, **prepared})
         sources = out.pop("source_embeds")
         if self.mode == "variation":  # what uncaptioned variations are scored against
@@ -114,13 +111,13 @@ class ImageEncoderActor(StageActor):
         per_row = np.zeros((len(status), frames, self.dim), np.float32)
         thetas = np.zeros((len(status), frames), np.float64)
         for i in np.nonzero(status == "ok")[0]:
-            thetas[i] = self._thetas(frames, float(batch_theta_max[i]))
+            thetas[i] = self._thetas(frames, float(theta_max[i]))
             per_row[i], reason = self._frames(sources[i], out, i, thetas[i])
             if reason is not None:
                 status[i], errors[i] = "error", reason
         out.pop("target_embeds", None), out.pop("caption_embeds", None)
         if self.mode != "variation":
-            out[FRAME_THETA] = thetas
+            out[FRAME_THETA_COLUMN] = thetas
         out["status"], out["error"] = status, errors
         # Image c of a row is frame c % frames of trajectory c // frames, and decodes with that trajectory's seed.
         trajectory_seeds = np.asarray(out["seeds"])
@@ -155,19 +152,18 @@ class ImageEncoderActor(StageActor):
         scale = np.linalg.norm(image)
         return np.stack([scale * slerp(image / scale, difference / length, t) for t in thetas]).astype(np.float32), None
 
-    def _prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoded, preprocessed pixels (or the given embedding) of each row's images, what the metadata records of
-        each source image, and each row's theta_max; rows with an unusable image (or target prompt, or theta_max)
+    def _prepare(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Decoded, preprocessed pixels (or the given embedding) of each row's images and what the metadata records
+        of each source image; and each row's theta_max. Rows with an unusable image (or target prompt, or theta_max)
         become error rows with the reason."""
         rows, count = len(batch["status"]), len(self.sources)
         status = np.asarray(batch["status"]).astype(object).copy()
         errors = np.asarray(batch["error"]).astype(object).copy()
         given = np.zeros((rows, count, self.dim), np.float32)
         has_given = np.zeros((rows, count), bool)
-        # Typed, with "" and 0 for "unknown": a column of only nulls would change type on its way through Ray.
-        described = {f"{prefix}{suffix}": (np.zeros(rows, np.int32) if suffix in ("_width", "_height")
-                                           else np.full(rows, "", dtype=object))
-                     for prefix in self.prefixes for suffix in images.SOURCE_SUFFIXES}
+        # Typed, "" and 0 for unknown (see images.SOURCE_FIELDS).
+        described = {name: np.zeros(rows, np.int32) if kind is int else np.full(rows, "", dtype=object)
+                     for name, kind in images.source_columns(self.mode).items()}
         theta_max = np.full(rows, self.config.textdiff.theta_max, np.float64)
         decoded: dict[tuple[int, int], object] = {}
         raw_embeddings = batch.get(IMAGE_EMBEDDING_COLUMN)
@@ -177,16 +173,15 @@ class ImageEncoderActor(StageActor):
             for column, prefix in zip(self.sources, self.prefixes):
                 described[prefix][i] = images.source_label(batch[column][i] if column in batch else None) or ""
         for i in np.nonzero(status == "ok")[0]:
-            reason = None
             if targets is not None and not isinstance(targets[i], str):
                 reason = "target_prompt is null" if targets[i] is None else "target_prompt is not a string"
-            elif row_theta_max is not None and (reason := self._row_theta_max(row_theta_max[i], theta_max, i)):
-                pass
-            elif raw_embeddings is not None and raw_embeddings[i] is not None:
+            else:
+                reason = self._row_theta_max(row_theta_max[i], theta_max, i) if row_theta_max is not None else None
+            if reason is None and raw_embeddings is not None and raw_embeddings[i] is not None:
                 embedding, reason = images.embedding(raw_embeddings[i], self.dim)
                 if reason is None:
                     given[i, 0], has_given[i, 0] = embedding, True
-            else:
+            elif reason is None:
                 for s, (column, prefix) in enumerate(zip(self.sources, self.prefixes)):
                     value = batch[column][i] if column in batch else None
                     image, reason, digest = images.load(value, self.config.storage_options)
@@ -206,10 +201,10 @@ class ImageEncoderActor(StageActor):
             for key, values in zip(ok, processed):
                 pixels[key] = values
         prepared = {"status": status, "error": errors, "pixel_values": pixels, "given_embeds": given,
-                    "has_given": has_given, "theta_max_row": theta_max, **described}
+                    "has_given": has_given, **described}
         if targets is not None:  # handed on to the metadata, typed as above
             prepared[TARGET_PROMPT_COLUMN] = np.array([t if isinstance(t, str) else "" for t in targets], dtype=object)
-        return prepared
+        return prepared, theta_max
 
     def _row_theta_max(self, value, theta_max: np.ndarray, i: int) -> str | None:
         """Take row i's own theta_max into theta_max[i] (null keeps the configured one); or why it is unusable."""

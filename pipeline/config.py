@@ -35,6 +35,8 @@ TARGET_PROMPT_COLUMN = "target_prompt"
 """The caption a textdiff row moves its image toward."""
 THETA_MAX_COLUMN = "theta_max"
 """Optional textdiff input column: the row's own textdiff.theta_max (null: the configured one)."""
+FRAME_THETA_COLUMN = "frame_theta"
+"""Per row, the theta of each frame, handed from the image encoder to the metadata (interpolation and textdiff)."""
 FRAMES_COLUMN = "frames"
 """Not read: every row of a run decodes the same number of frames (interpolation.frames / textdiff.frames)."""
 

@@ -16,14 +16,20 @@ MAX_PIXELS = 64_000_000
 """Larger images are refused before they are decoded: a small file can decode to gigabytes (a decompression bomb)."""
 
 
-SOURCE_SUFFIXES = ("", "_sha256", "_width", "_height")
-"""Metadata of each source image, after its prefix: where it came from (the path / URL, or `bytes`), the SHA-256
-of its encoded bytes, and its size in pixels."""
+SOURCE_FIELDS = {"": str, "_sha256": str, "_width": int, "_height": int}
+"""Metadata of each source image, by suffix after its prefix, with its kind: where it came from (the path / URL,
+or `bytes`), the SHA-256 of its encoded bytes, and its size in pixels. Unknown is "" or 0 between stages (a column
+of only nulls would change type on its way through Ray) and null in the metadata."""
 
 
 def source_prefixes(mode: str) -> tuple[str, ...]:
     """The metadata prefix of each source image of a row: `source`, or `source_a` and `source_b`."""
     return ("source_a", "source_b") if mode == "interpolation" else ("source",)
+
+
+def source_columns(mode: str) -> dict[str, type]:
+    """Every source-image metadata column of a mode, with its kind (str or int)."""
+    return {prefix + suffix: kind for prefix in source_prefixes(mode) for suffix, kind in SOURCE_FIELDS.items()}
 
 
 def source_label(value) -> str | None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline import images as source_images
 from pipeline import storage
-from pipeline.config import IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN, Config
+from pipeline.config import FRAME_THETA_COLUMN, IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN, Config
 from pipeline.counters import merge_stage_counters
 from pipeline.lease import LEASE_FILE, read_lease
 
@@ -37,8 +37,7 @@ METADATA_SCHEMA = pa.schema([
 ])
 
 
-FRAME_THETA = "frame_theta"
-"""Per row, the theta of each frame, as the image encoder hands it on (interpolation and textdiff)."""
+ARROW_KINDS = {str: pa.string(), int: pa.int32()}
 
 
 def metadata_schema(config: Config) -> pa.Schema:
@@ -50,9 +49,8 @@ def metadata_schema(config: Config) -> pa.Schema:
     fields = list(METADATA_SCHEMA)
     if config.image_mode:
         fields.append(pa.field("mode", pa.string()))
-        for prefix in source_images.source_prefixes(config.mode):
-            fields += [pa.field(prefix, pa.string()), pa.field(f"{prefix}_sha256", pa.string()),
-                       pa.field(f"{prefix}_width", pa.int32()), pa.field(f"{prefix}_height", pa.int32())]
+        fields += [pa.field(name, ARROW_KINDS[kind])
+                   for name, kind in source_images.source_columns(config.mode).items()]
         fields += [pa.field("frame", pa.int32()), pa.field("theta", pa.float64())]
         if config.mode == "textdiff":
             fields.append(pa.field(TARGET_PROMPT_COLUMN, pa.string()))
@@ -63,10 +61,7 @@ def metadata_schema(config: Config) -> pa.Schema:
 
 def _optional(value, kind=str):
     """A row-level value as the stages hand it on, with "" or 0 for unknown -> the value or None."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    value = kind(value)
-    return value if value else None
+    return kind(value) or None if value is not None else None
 
 
 def safe_key(row_id: str) -> str:
@@ -199,9 +194,9 @@ class MetadataRows:
         self.schema = metadata_schema(config)
         self.mode = config.mode if config.image_mode else None
         self.frames = config.frames
-        self.row_columns = [name for name in self.schema.names if name.startswith("source")]
-        if TARGET_PROMPT_COLUMN in self.schema.names:
-            self.row_columns.append(TARGET_PROMPT_COLUMN)
+        self.row_columns = source_images.source_columns(config.mode) if config.image_mode else {}
+        if config.mode == "textdiff":
+            self.row_columns[TARGET_PROMPT_COLUMN] = str
         self.embeddings = IMAGE_EMBEDDING_COLUMN in self.schema.names
 
     def __call__(self, batch: dict[str, np.ndarray], i: int, shard: str, sink: ImageSink | None) -> list[dict]:
@@ -210,8 +205,7 @@ class MetadataRows:
                 "truncated": bool(batch["truncated"][i])}
         if self.mode:
             base["mode"] = self.mode
-            for column in self.row_columns:
-                kind = int if column.endswith(("_width", "_height")) else str
+            for column, kind in self.row_columns.items():
                 base[column] = _optional(batch[column][i], kind) if column in batch else None
         seeds = np.asarray(batch["seeds"][i])
         if base["status"] != "ok":
@@ -225,7 +219,7 @@ class MetadataRows:
         all_scores = ([float(s) for s in np.asarray(batch["candidate_scores"][i])]
                       if "candidate_scores" in batch else None)
         pixels_of = np.asarray(batch["image"][i])
-        thetas = np.asarray(batch[FRAME_THETA][i]) if FRAME_THETA in batch else None
+        thetas = np.asarray(batch[FRAME_THETA_COLUMN][i]) if FRAME_THETA_COLUMN in batch else None
         rows = []
         for rank, index in enumerate(kept):
             pixels = pixels_of[rank]
