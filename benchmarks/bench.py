@@ -285,11 +285,12 @@ def _half_finish(output_dir: str, saved_ids: str) -> int:
 
 def _check_regenerated(output_dir: str, saved_ids: str) -> None:
     """The resume's own parts hold exactly the prompts that were dropped."""
-    from pipeline.writer import part_attempt
+    from pipeline.writer import shard_number
 
     with open(os.path.join(output_dir, "_attempt.json"), encoding="utf-8") as fh:
-        attempt = json.load(fh)["attempt"]
-    mine = [p for p in _metadata_parts(output_dir) if part_attempt(os.path.basename(p)[: -len(".parquet")]) == attempt]
+        ledger = json.load(fh)
+    mine = [p for p in _metadata_parts(output_dir)
+            if ledger["first_shard"] <= (shard_number(os.path.basename(p)[: -len(".parquet")]) or -1) < ledger["shard_end"]]
     regenerated, dropped = _prompt_ids(mine), np.load(saved_ids)
     if not np.array_equal(regenerated, dropped):
         raise RuntimeError(f"the resume regenerated {len(regenerated)} prompts, not the {len(dropped)} dropped ones "

@@ -13,13 +13,15 @@ from pipeline.config import IMAGE_MODES, Config, to_dict
 from pipeline.lease import LEASE_FILE, LeaseError, OutputLease
 from pipeline.rowids import IdSet, digests
 from pipeline.report import CONTACT_SHEET_FILE, REPORT_FILE
-from pipeline.writer import IMAGES_DIR, METADATA_DIR, SHARDS_DIR, SINKS, STATS_DIR, part_attempt
+from pipeline.writer import (IMAGES_DIR, METADATA_DIR, SHARDS_DIR, SINKS, STATS_DIR, ShardNumbers, legacy_part_attempt,
+                             shard_number)
 
 RUN_FILE = "_run.json"
 SUCCESS_FILE = "_SUCCESS.json"
 ATTEMPT_FILE = "_attempt.json"
-"""The live attempt and the metadata parts it accepted from earlier attempts: a part counts as committed only
-if it is listed there or was written by the live attempt, so a dead attempt's late commit never counts."""
+"""The live attempt, the metadata parts it accepted from earlier attempts, and the shard numbers it reserved
+([first_shard, shard_end)): a part counts as committed only if it is listed there or is numbered in the live
+attempt's range, so a dead attempt's late commit never counts."""
 LEASE_SETTLE_S = 2.0
 PRODUCT_ENTRIES = frozenset({RUN_FILE, SUCCESS_FILE, ATTEMPT_FILE, LEASE_FILE, REPORT_FILE, CONTACT_SHEET_FILE,
                              METADATA_DIR, IMAGES_DIR, SHARDS_DIR, STATS_DIR})
@@ -51,6 +53,8 @@ class ResumeState:
     done_ids: IdSet = field(default_factory=IdSet)
     """Ids of rows committed by earlier attempts."""
     committed_shards: set[str] = field(default_factory=set)
+    shard_numbers: ShardNumbers = field(default_factory=ShardNumbers)
+    """The shard numbers this attempt reserved: above every number an earlier attempt could have used."""
     finished: dict | None = None
     """The summary of a run that already finished here, if any."""
 
@@ -117,6 +121,13 @@ def _name(path: str) -> str:
 def part_name(path: str) -> str:
     """A metadata part's shard name: its file name without .parquet."""
     return _name(path)[: -len(".parquet")]
+
+
+def _in_live_attempt(shard: str, ledger: dict) -> bool:
+    number = shard_number(shard)
+    if number is not None and "first_shard" in ledger:
+        return ledger["first_shard"] <= number < ledger["shard_end"]
+    return legacy_part_attempt(shard) == ledger["attempt"]  # an older version's part-<attempt>-<digest>
 
 
 class OutputDir:
@@ -232,7 +243,8 @@ class OutputDir:
     def lost_lease(self) -> str | None:
         return self.lease.lost if self.lease is not None else None
 
-    def prepare(self, resolved: dict[str, str] | None = None, input_fingerprint: str | None = None) -> ResumeState:
+    def prepare(self, resolved: dict[str, str] | None = None, input_fingerprint: str | None = None,
+                input_rows: int = 0) -> ResumeState:
         """With the lease held: apply output.mode, check the recorded run matches, record this attempt, and
         load what earlier attempts committed.
 
@@ -255,7 +267,14 @@ class OutputDir:
             self.write_json(RUN_FILE, {"identity": identity})  # first attempt, or one that now knows more
         self._remove_in_progress()
         earlier = self.committed_parts(remove_others=True)
-        self.write_json(ATTEMPT_FILE, {"attempt": self.lease.attempt, "accepted": sorted(map(part_name, earlier))})
+        ledger = self.read_json(ATTEMPT_FILE) or {}
+        # Every shard holds at least one row; twice the input's rows leaves room for batches Ray re-forms after
+        # losing a node. The next attempt starts above this range whether or not it was used.
+        first = int(ledger.get("shard_end", 0))
+        end = first + 2 * max(input_rows, 1) + 64
+        self.write_json(ATTEMPT_FILE, {"attempt": self.lease.attempt, "accepted": sorted(map(part_name, earlier)),
+                                       "first_shard": first, "shard_end": end})
+        state.shard_numbers = ShardNumbers(first, end)
         state.committed_shards = {part_name(p) for p in earlier}
         state.done_ids = IdSet.from_chunks(
             digests(batch.column(0).to_pylist()) for batch in self.iter_metadata(["id"], earlier))
@@ -282,7 +301,7 @@ class OutputDir:
         for path in parts:
             name = part_name(path)
             # With no attempt recorded yet (or an output written before attempts were), every part counts.
-            counts = ledger is None or name in ledger["accepted"] or part_attempt(name) == ledger["attempt"]
+            counts = ledger is None or name in ledger["accepted"] or _in_live_attempt(name, ledger)
             (counted if counts else strays).append(path)
         if remove_others:
             for path in strays:

@@ -17,13 +17,18 @@ BATCH_SECONDS_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 class ProgressBoard:
     """A tiny named actor holding rows done per stage; stage actors add to it, the driver reads it."""
 
-    def __init__(self):
+    def __init__(self, shard_numbers=None):
+        self.shard_numbers = shard_numbers
+        """The attempt's pipeline.writer.ShardNumbers: every writer task of the run asks here."""
         self.rows: dict[str, int] = {}
         self.actors: list[dict] = []
         self.handles: list = []
         """Every stage actor of the run, so the driver can end them all when the run ends, however it ends."""
         self.placed: dict[str, int] = {}
         """Per stage, how many actors were placed and started (loading their model or done loading)."""
+
+    def shard_number(self, rows_digest: str) -> int:
+        return self.shard_numbers.number(rows_digest)
 
     def enlist(self, handle, stage: str) -> None:
         self.handles.append(handle)
@@ -121,10 +126,14 @@ class ProgressPrinter:
     """
 
     def __init__(self, board_name: str, stages: list[str], total_rows: int, interval_s: float = 30.0,
-                 stream=None):
+                 stream=None, shard_numbers=None):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.board = ray.remote(num_cpus=0)(ProgressBoard).options(name=board_name).remote()
+        # On the driver's node: the board (and the shard numbers it hands out) lives exactly as long as the run.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ray.remote(num_cpus=0)(ProgressBoard).options(
+            name=board_name, scheduling_strategy=here).remote(shard_numbers)
         self.stages, self.total, self.interval = stages, total_rows, interval_s
         self.stream = stream or sys.stderr
         self.written = 0

@@ -183,16 +183,16 @@ def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: d
 
 
 def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec],
-                  placements: dict[str, Placement], done_ids, io_cpus: float,
-                  progress_board: str | None = None, reservation: GpuReservation | None = None,
-                  attempt: str | None = None):
-    """Read -> one actor pool per stage -> shard writer (committing as `attempt`), as one streaming Ray Dataset."""
+                  placements: dict[str, Placement], done_ids, io_cpus: float, progress_board: str,
+                  reservation: GpuReservation | None = None, attempt: str | None = None):
+    """Read -> one actor pool per stage -> shard writer (committing as `attempt`, numbering its shards through the
+    progress board), as one streaming Ray Dataset."""
     runtime_env = {"env_vars": stage_env(config)}
     dataset = reader.read_prompts(config, info, done_ids=done_ids, num_cpus=io_cpus, runtime_env=runtime_env)
     dataset = chain_stages(dataset, config, stages, placements, runtime_env, progress_board=progress_board,
                            reservation=reservation)
-    return dataset.map_batches(ShardWriter(config, attempt), batch_size=config.output.shard_size, batch_format="numpy",
-                               num_cpus=io_cpus, runtime_env=runtime_env)
+    return dataset.map_batches(ShardWriter(config, progress_board, attempt), batch_size=config.output.shard_size,
+                               batch_format="numpy", num_cpus=io_cpus, runtime_env=runtime_env)
 
 
 def _costs_for_planning(config: Config, shape: ClusterShape) -> dict | None:
@@ -279,7 +279,7 @@ def generate(config: Config, *, progress=None) -> RunResult:
         try:
             planning_costs = _costs_for_planning(config, shape)
             plan = plan_placements(config, stages, shape, planning_costs, rows=max(1, info.rows))
-            state = output.prepare(resolved_compute(config, stages, plan, cuda), info.fingerprint)
+            state = output.prepare(resolved_compute(config, stages, plan, cuda), info.fingerprint, info.rows)
             if state.finished is not None:  # another attempt finished it meanwhile
                 return RunResult(summary=state.finished, already_done=True)
             if len(state.done_ids) > info.rows:
@@ -332,7 +332,8 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
     placements = plan.placements
     log.info("plan:\n%s", plan.table())
     board = f"unclip-progress-{uuid.uuid4().hex[:12]}"
-    printer = ProgressPrinter(board, [s.name for s in stages], todo, config.run.progress_interval_s)
+    printer = ProgressPrinter(board, [s.name for s in stages], todo, config.run.progress_interval_s,
+                              shard_numbers=state.shard_numbers)
     watch = StartupWatch(printer, {s.name: placements[s.name].replicas for s in stages}, MIN_ACTORS_WAIT_S)
     dataset = build_dataset(config, info, stages, placements, state.done_ids, task_cpus(shape.cpus), board,
                             reservation, attempt)

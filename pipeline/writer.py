@@ -77,19 +77,53 @@ def safe_key(row_id: str) -> str:
     return f"{cleaned}-{digest}" if cleaned else digest
 
 
-def shard_name(ids, attempt: str | None = None) -> str:
-    """part-<attempt>-<digest of the row ids>: named by its rows, so a retried write of the same rows replaces
-    the same objects instead of adding new ones; named by its attempt, so a dead attempt's parts are told apart."""
+SHARD_DIGITS = 5
+
+
+def shard_name(number: int) -> str:
+    """00000, 00001, ...: shards, metadata parts and stats files share the name, so brace lists work."""
+    return f"{number:0{SHARD_DIGITS}d}"
+
+
+def shard_number(shard: str) -> int | None:
+    """The number in a shard's name; None for a name that is not a number (parts of older versions)."""
+    return int(shard) if shard.isdigit() else None
+
+
+def rows_digest(ids) -> str:
+    """A digest of a shard's row ids (in any order): the same rows get the same shard number."""
     digest = hashlib.blake2b(digest_size=10)
     for row_id in sorted(str(i) for i in ids):
         digest.update(row_id.encode("utf-8", "surrogatepass") + b"\0")
-    return f"part-{attempt}-{digest.hexdigest()}" if attempt else f"part-{digest.hexdigest()}"
+    return digest.hexdigest()
 
 
-def part_attempt(shard: str) -> str | None:
-    """The attempt that wrote a shard, from its name (None for a shard named without one)."""
-    stem = shard[len("part-"):] if shard.startswith("part-") else shard
-    return stem.rsplit("-", 1)[0] if "-" in stem else None
+def legacy_part_attempt(shard: str) -> str | None:
+    """The attempt in an older version's part name, part-<attempt>-<digest> (None for any other name)."""
+    if not shard.startswith("part-") or shard.count("-") < 2:
+        return None
+    return shard[len("part-"):].rsplit("-", 1)[0]
+
+
+class ShardNumbers:
+    """Hands out one attempt's shard numbers in order, from `first` up to (not including) `end`.
+
+    The same rows always get the same number, so a retried write replaces its own objects instead of adding
+    new ones. The range is recorded in the output before any shard is written and the next attempt starts
+    above it: a late write by a dead attempt can never take a name the live attempt uses."""
+
+    def __init__(self, first: int = 0, end: int | None = None):
+        self.next, self.end = first, end
+        self.given: dict[str, int] = {}
+
+    def number(self, digest: str) -> int:
+        if digest not in self.given:
+            if self.end is not None and self.next >= self.end:
+                raise RuntimeError(f"this attempt used every shard number it reserved ({self.end - 1} is the "
+                                   "last); rerun the same command to go on (finished rows are kept)")
+            self.given[digest] = self.next
+            self.next += 1
+        return self.given[digest]
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -251,11 +285,22 @@ class ShardWriter:
     driver that died keep running for a while, and must not land rows a newer attempt is generating again.
     """
 
-    def __init__(self, config: Config, attempt: str | None = None):
+    def __init__(self, config: Config, numbers: ShardNumbers | str, attempt: str | None = None):
+        """`numbers`: where shard numbers come from: a ShardNumbers when every write happens in this process, or
+        the name of the run's progress board, which holds the attempt's one ShardNumbers for all writer tasks."""
         self.output = config.output
         self.storage_options = config.storage_options
         self.attempt = attempt
+        self.numbers = numbers
         self.rows_of = MetadataRows(config)
+
+    def _shard(self, ids) -> str:
+        digest = rows_digest(ids)
+        if isinstance(self.numbers, ShardNumbers):
+            return shard_name(self.numbers.number(digest))
+        import ray
+
+        return shard_name(ray.get(ray.get_actor(self.numbers).shard_number.remote(digest)))
 
     def _check_lease(self, fs, root: str) -> None:
         if self.attempt is None:
@@ -269,7 +314,7 @@ class ShardWriter:
         started = time.time()
         fs, root = storage.filesystem(self.output.path, self.storage_options)
         self._check_lease(fs, root)
-        shard = shard_name(batch["id"], self.attempt)
+        shard = self._shard(batch["id"])
         sink = SINKS[self.output.format](fs, root, shard, self.output.image_format, self.output.quality)
         rows = [row for i in range(len(batch["id"])) for row in self.rows_of(batch, i, shard, sink)]
         sink.commit()

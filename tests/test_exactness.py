@@ -263,10 +263,10 @@ def _written_metadata(config, out, tmp_path) -> dict:
     """The metadata rows the shard writer makes of a stage chain's output, by (id, candidate, frame)."""
     import dataclasses
 
-    from pipeline.writer import ShardWriter
+    from pipeline.writer import ShardNumbers, ShardWriter
 
     output = dataclasses.replace(config.output, path=str(tmp_path / "written"))
-    ShardWriter(dataclasses.replace(config, output=output))(out)
+    ShardWriter(dataclasses.replace(config, output=output), ShardNumbers())(out)
     rows = pq.read_table(tmp_path / "written" / "metadata").to_pylist()
     return {(r["id"], r["candidate"], r["frame"]): r for r in rows}
 

@@ -30,7 +30,7 @@ def attempt(cfg):
     output.acquire()
     try:
         state = output.prepare()
-        yield output, state, ShardWriter(cfg, output.lease.attempt)
+        yield output, state, ShardWriter(cfg, state.shard_numbers, output.lease.attempt)
     finally:
         output.release()
 
@@ -98,8 +98,8 @@ def test_uncommitted_shards_and_in_progress_files_are_removed_on_resume(tmp_path
     cfg = config(out, "output.format=webdataset")
     with attempt(cfg) as (_, _, write):
         write(batch())
-    (out / "shards" / "part-orphan.tar").write_bytes(b"written, never committed")
-    (out / "shards" / "part-orphan_stats.json").write_text("{}")
+    (out / "shards" / "00099.tar").write_bytes(b"written, never committed")
+    (out / "shards" / "00099_stats.json").write_text("{}")
     (out / "metadata" / ".part-x.parquet.inprogress-123").write_bytes(b"half")
     state = prepare(cfg)
     assert len(state.committed_shards) == 1
@@ -162,7 +162,7 @@ def test_a_dead_attempts_late_commit_is_fenced_out_and_never_counted(tmp_path):
         with pytest.raises(FencedOut, match="no longer holds output"):
             dead_writer(rows_of(["c", "d"]))
         # Had its commit slipped in between the check and the write, the part is not this attempt's: not counted.
-        straggler = ShardWriter(cfg, dead_writer.attempt)
+        straggler = ShardWriter(cfg, dead_writer.numbers, dead_writer.attempt)
         straggler._check_lease = lambda fs, root: None
         straggler(rows_of(["c", "d"]))
         write(rows_of(["c", "d"]))
@@ -171,6 +171,35 @@ def test_a_dead_attempts_late_commit_is_fenced_out_and_never_counted(tmp_path):
         ids = sorted({i for part in counted for i in pq.read_table(part).column("id").to_pylist()})
         assert ids == ["a", "b", "c", "d"]
     assert len(list((out / "metadata").glob("*.parquet"))) == 2, "the straggler's part was removed"
+
+
+def test_shards_are_numbered_in_sequence_and_a_new_attempt_numbers_above_the_last_ones_range(tmp_path):
+    out = tmp_path / "out"
+    cfg = config(out, "output.format=webdataset")
+    with attempt(cfg) as (output, state, write):
+        write(rows_of(["a", "b"]))
+        write(rows_of(["c", "d"]))
+        write(rows_of(["b", "a"]))  # the same rows again (a retried write): the same shard, replaced
+        assert sorted(p.name for p in (out / "shards").glob("*.tar")) == ["00000.tar", "00001.tar"]
+        assert sorted(p.name for p in (out / "metadata").iterdir()) == ["00000.parquet", "00001.parquet"]
+        first_end = json.loads((out / "_attempt.json").read_text())["shard_end"]
+    with attempt(cfg) as (output, state, write):
+        assert state.committed_shards == {"00000", "00001"}
+        write(rows_of(["e", "f"]))
+        assert len(output.committed_parts()) == 3
+    assert (out / "shards" / f"{first_end:05d}.tar").exists(), "numbered from where the earlier range ended"
+
+
+def test_parts_an_older_version_named_still_count_on_resume(tmp_path):
+    out = tmp_path / "out"
+    cfg = config(out)
+    with attempt(cfg) as (_, _, write):
+        write(rows_of(["a", "b"]))
+    ledger = json.loads((out / "_attempt.json").read_text())
+    (out / "metadata" / "00000.parquet").rename(out / "metadata" / f"part-{ledger['attempt']}-0123456789abcdef0123.parquet")
+    del ledger["first_shard"], ledger["shard_end"]
+    (out / "_attempt.json").write_text(json.dumps(ledger))
+    assert len(prepare(cfg).done_ids) == 2
 
 
 def test_a_finished_run_is_reported_not_redone(tmp_path):

@@ -100,8 +100,9 @@ def test_a_seed_int64_cannot_hold_is_an_error_row_with_no_seed(tmp_path):
 
 
 def test_64_bit_seeds_and_integer_ids_are_exact_through_ray_data(ray_session, tmp_path):
+    from pipeline.progress import ProgressPrinter
     from pipeline.reader import read_prompts
-    from pipeline.writer import ShardWriter
+    from pipeline.writer import ShardNumbers, ShardWriter
 
     # Nulls make Arrow hand these int64 columns to numpy as float64, which cannot hold the values exactly.
     ids = pa.array([12, None, 7, 2**62 + 1, None, 3], pa.int64())
@@ -129,8 +130,12 @@ def test_64_bit_seeds_and_integer_ids_are_exact_through_ray_data(ray_session, tm
         assert by_prompt[prompt]["status"] == "ok", by_prompt[prompt]["error"]
     assert by_prompt["prompt 4"]["status"] == "error" and "seed -1 is out of range" in by_prompt["prompt 4"]["error"]
 
-    read_prompts(cfg, info).map_batches(with_images, batch_format="numpy").map_batches(
-        ShardWriter(cfg), batch_format="numpy").materialize()
+    board = ProgressPrinter("reader-test-board", [], total_rows=6, interval_s=3600, shard_numbers=ShardNumbers())
+    try:
+        read_prompts(cfg, info).map_batches(with_images, batch_format="numpy").map_batches(
+            ShardWriter(cfg, "reader-test-board"), batch_format="numpy").materialize()
+    finally:
+        board.close()
     recorded = {(r["prompt"], r["candidate"] or 0): r for r in pq.read_table(output / "metadata").to_pylist()}
     for prompt, candidate_seeds in expected.items():
         assert [recorded[(prompt, j)]["seed"] for j in (0, 1)] == candidate_seeds, prompt

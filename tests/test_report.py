@@ -39,13 +39,13 @@ def test_score_distribution():
 
 @pytest.mark.parametrize("output_format", ["files", "webdataset"])
 def test_report_and_contact_sheet_from_what_the_output_holds(tmp_path, output_format):
-    from pipeline.writer import ShardWriter
+    from pipeline.writer import ShardNumbers, ShardWriter
 
     config = load_config(None, ["models.unclip=/x", f"output.format={output_format}"], input_path="in",
                          output_path=str(tmp_path / "out"))
     data = batch(n_ok=2, keep=2, size=16)
     data["image"][0, 0] = 255  # the first kept image is white: find it on the sheet
-    ShardWriter(config)(data)
+    ShardWriter(config, ShardNumbers())(data)
     report = write_report(OutputDir(config), SUMMARY)
 
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
