@@ -1,4 +1,4 @@
-"""Image encoder stage: a variation run through Ray on object storage, with bad images as error rows."""
+"""Image modes through Ray: a variation run on object storage with bad images as error rows, a textdiff run."""
 
 from __future__ import annotations
 
@@ -104,3 +104,44 @@ def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny
         assert metadata[(row_id, 1)]["seed"] == (metadata[(row_id, 0)]["seed"] + 1) % 2**63
         ranked = sorted((metadata[(row_id, c)] for c in (0, 1)), key=lambda r: r["rank"])
         assert ranked[0]["clip_score"] >= ranked[1]["clip_score"]
+
+
+def test_a_textdiff_run_through_ray_writes_every_frame_to_webdataset_shards(tiny_models, ray_session, tmp_path):
+    import webdataset as wds
+
+    from benchmarks.reference import Reference
+    from pipeline.run import generate
+    from tests.test_exactness import _image_embedding, _slerp, _text_embedding
+
+    rng = np.random.default_rng(11)
+    source = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    (tmp_path / "source.png").write_bytes(encoded(source))
+    pq.write_table(pa.table({
+        "id": ["paint", "same"], "image": [str(tmp_path / "source.png"), str(tmp_path / "source.png")],
+        "prompt": ["a photo of noise", "same words"], "target_prompt": ["an oil painting of noise", "same words"],
+        "theta_max": pa.array([1.0, None], pa.float64()), "seed": pa.array([21, 4], pa.int64()),
+    }), tmp_path / "rows.parquet")
+    config = load_config(None, FAST_STEPS + ONE_GPU + model_overrides(tiny_models, upsampler_1024=False, clip=False) + [
+        "mode=textdiff", "textdiff.frames=3", "output.format=webdataset", "stages.decoder.batch_size=2",
+    ], input_path=str(tmp_path / "rows.parquet"), output_path=str(tmp_path / "out"))
+    summary = generate(config).summary
+    assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (1, 1, 3)
+    # The image encoder stage embeds the captions too (with the checkpoint's text encoder): no text encoder stage.
+    assert [s["name"] for s in summary["stages"]] == ["image_encoder", "decoder", "upsampler_256"]
+
+    metadata = {(r["id"], r["frame"]): r for r in pq.read_table(tmp_path / "out" / "metadata").to_pylist()}
+    assert "no difference to move toward" in metadata[("same", None)]["error"]
+    samples = {s["__key__"]: s for tar in sorted((tmp_path / "out" / "shards").glob("*.tar"))
+               for s in wds.WebDataset(str(tar), shardshuffle=False)}
+    assert sorted(samples) == ["paint_0_0", "paint_0_1", "paint_0_2"]
+    reference = Reference(tiny_models["unclip"], None)
+    z_image = _image_embedding(reference, source)
+    difference = _text_embedding(reference, "an oil painting of noise") - _text_embedding(reference, "a photo of noise")
+    scale = np.linalg.norm(z_image)
+    for frame, theta in ((0, 0.0), (1, 0.5), (2, 1.0)):  # the row's own theta_max of 1.0 spread over 3 frames
+        row = metadata[("paint", frame)]
+        assert (row["seed"], row["candidate"], row["theta"], row["image_key"]) == (21, 0, theta, f"paint_0_{frame}")
+        image = np.asarray(Image.open(io.BytesIO(samples[row["image_key"]]["png"])))
+        expected = reference.variation(21, image_embeddings=scale * _slerp(
+            z_image / scale, difference / np.linalg.norm(difference), theta), decoder_steps=4, super_res_steps=3)
+        assert within_tolerance(image, expected), f"frame {frame}: {psnr(image, expected):.1f} dB"
