@@ -54,6 +54,8 @@ class OutputLease:
         """Set by the renewer when another attempt took the lease: why this run must stop."""
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._claimed_at = 0.0
+        self._confirmed = False
 
     @property
     def attempt(self) -> str:
@@ -71,16 +73,33 @@ class OutputLease:
                           "finish, or if it was stopped, rerun after its lease ends")
 
     def acquire(self) -> None:
+        self.claim()
+        self.confirm()
+
+    def claim(self) -> None:
+        """Write this attempt's record unless another live attempt holds the output (LeaseError at once).
+        The claim counts only once `confirm` has read it back; work that writes nothing may go on meanwhile."""
         holder = self.read()
         if holder is not None and holder.attempt != self.attempt and holder.expires_at > time.time():
             raise self._refuse(holder)
         self._write()
-        time.sleep(self.settle_s)
-        holder = self.read()
-        if holder is None or holder.attempt != self.attempt:
-            raise self._refuse(holder or self.record)
+        self._claimed_at = time.monotonic()
+        # Renewed from now on: what runs before `confirm` (waiting for GPUs) may outlast the lease.
         self._renewer = threading.Thread(target=self._renew, name="output-lease", daemon=True)
         self._renewer.start()
+
+    def confirm(self) -> None:
+        """Wait out what is left of `settle_s` since the claim and read the record back: of drivers that claimed
+        together, only the last writer goes on; the others raise LeaseError. Once confirmed, calling it again
+        does nothing."""
+        if self._confirmed:
+            return
+        time.sleep(max(0.0, self.settle_s - (time.monotonic() - self._claimed_at)))
+        holder = self.read()
+        if holder is None or holder.attempt != self.attempt:
+            self._stop.set()
+            raise self._refuse(holder or self.record)
+        self._confirmed = True
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):

@@ -225,15 +225,30 @@ class OutputDir:
 
     def acquire(self) -> str:
         """Claim the output for this driver (see pipeline.lease); returns the attempt id. Raises LeaseError."""
+        attempt = self.claim()
+        self.confirm()
+        return attempt
+
+    def claim(self) -> str:
+        """The first half of `acquire`: refuse at once if another run holds the output, else write our claim;
+        returns the attempt id. Call `confirm` before writing anything else to the output."""
         ttl = float(self.config.output.lease_s)
         self.lease = OutputLease(self.fs, self.root, self.config.output.path, ttl_s=ttl,
                                  settle_s=min(LEASE_SETTLE_S, ttl / 4))
         try:
-            self.lease.acquire()
+            self.lease.claim()
         except LeaseError:
             self.lease = None
             raise
         return self.lease.attempt
+
+    def confirm(self) -> None:
+        """The second half of `acquire`: LeaseError if another driver claimed the output at the same time."""
+        try:
+            self.lease.confirm()
+        except LeaseError:
+            self.lease = None
+            raise
 
     def release(self) -> None:
         if self.lease is not None:

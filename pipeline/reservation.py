@@ -31,12 +31,14 @@ class GpuReservation:
         self.group = placement_group([dict(self.bundle) for _ in range(gpus)], strategy="PACK",
                                      name=f"unclip-ray-gpus-{time.time_ns()}")
 
-    def wait(self, timeout_s: float, say: Callable[[str], None]) -> None:
-        """Block until every bundle is placed; ReservationTimeout after `timeout_s`."""
+    def wait(self, timeout_s: float, say: Callable[[str], None], before_waiting: Callable[[], None] = lambda: None) -> None:
+        """Block until every bundle is placed; ReservationTimeout after `timeout_s`. `before_waiting` runs first
+        when the GPUs are not there at once."""
         import ray
 
         if self.group.wait(timeout_seconds=0):
             return
+        before_waiting()
         started = time.monotonic()
         have = float(ray.cluster_resources().get("GPU", 0.0))
         say(f"waiting for {self.gpus} GPU(s) ({have:g} in the cluster now; an autoscaler adds nodes for the rest), "

@@ -128,14 +128,17 @@ def planned_cluster(config: Config) -> ClusterShape:
     return ClusterShape(cpus=float(resources.get("CPU", 1.0)), gpus=gpus, cpus_per_gpu=cluster.cpus_per_gpu())
 
 
-def reserve_gpus(config: Config, shape: ClusterShape) -> tuple[GpuReservation | None, ClusterShape, bool]:
-    """Hold the planned GPUs (waiting for an autoscaler if needed) and learn their memory, and whether torch
-    computes on them with CUDA (False on a CPU machine's fake GPUs)."""
+def reserve_gpus(config: Config, shape: ClusterShape, before_waiting=lambda: None
+                 ) -> tuple[GpuReservation | None, ClusterShape, bool]:
+    """Hold the planned GPUs (waiting for an autoscaler if needed; `before_waiting` runs first when they are not
+    there at once) and learn their memory, and whether torch computes on them with CUDA (False on a CPU
+    machine's fake GPUs)."""
     if shape.gpus < 1:
         return None, shape, False
     reservation = GpuReservation(shape.gpus, bundle_cpus(shape))
     try:
-        reservation.wait(config.run.gpu_wait_s, lambda line: print(line, file=sys.stderr, flush=True))
+        reservation.wait(config.run.gpu_wait_s, lambda line: print(line, file=sys.stderr, flush=True),
+                         before_waiting)
     except ReservationTimeout as exc:
         raise RunFailed(str(exc)) from None
     probed = reservation.probe()
@@ -272,11 +275,14 @@ def generate(config: Config, *, progress=None) -> RunResult:
     configure_data_context(config.run.verbose)
     stages = stage_specs(config, info.has_prompt)
     # The output first: a second driver on it refuses at once instead of waiting for GPUs the first one holds.
-    attempt = output.acquire()
+    # The claim settles (see pipeline.lease) while the GPUs are reserved and probed, unless they have to be waited
+    # for: then it is confirmed first, so of two drivers started together the one that lost does not wait too.
+    attempt = output.claim()
     try:
         # Then the GPUs: a run that cannot get them fails before it writes anything but its lease.
-        reservation, shape, cuda = reserve_gpus(config, planned_cluster(config))
+        reservation, shape, cuda = reserve_gpus(config, planned_cluster(config), before_waiting=output.confirm)
         try:
+            output.confirm()
             planning_costs = _costs_for_planning(config, shape)
             plan = plan_placements(config, stages, shape, planning_costs, rows=max(1, info.rows))
             state = output.prepare(resolved_compute(config, stages, plan, cuda), info.fingerprint, info.rows)

@@ -8,10 +8,11 @@ from pipeline.reservation import GpuReservation, ReservationTimeout
 
 
 def test_more_gpus_than_the_cluster_can_give_time_out_with_one_line_and_free_the_rest(ray_session):
-    said = []
+    said, calls = [], []
     reservation = GpuReservation(3, 0.1)  # the session cluster has 2 GPUs and no autoscaler
     with pytest.raises(ReservationTimeout) as failure:
-        reservation.wait(1.0, said.append)
+        reservation.wait(1.0, said.append, before_waiting=lambda: calls.append("confirmed the output claim"))
+    assert calls == ["confirmed the output claim"], "a driver confirms its output claim before it waits for GPUs"
     message = str(failure.value)
     assert "did not provide 3 GPU(s)" in message and "run.gpu_wait_s" in message and "\n" not in message
     assert said and "waiting for 3 GPU(s)" in said[0]
