@@ -8,8 +8,8 @@ import torch
 from actors.base import GENERATOR_STATE, StageActor
 from actors.text_encoder import encode_prompts
 from pipeline import images, seeds
-from pipeline.config import (FRAME_THETA_COLUMN, IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN,
-                             THETA_MAX_COLUMN, theta_max_problem)
+from pipeline.config import (FRAME_THETA_COLUMN, FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS,
+                             TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN, theta_max_problem)
 
 TEXT_COLUMNS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")
 SOURCE_EMBEDS = "source_embeds"
@@ -99,7 +99,7 @@ class ImageEncoderActor(StageActor):
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prepared, theta_max = self._prepare(batch)
+        prepared, theta_max, row_frames = self._prepare(batch)
         out = super().__call__({**batch, **prepared})
         sources = out.pop("source_embeds")
         if self.mode == "variation":  # what uncaptioned variations are scored against
@@ -111,13 +111,14 @@ class ImageEncoderActor(StageActor):
         per_row = np.zeros((len(status), frames, self.dim), np.float32)
         thetas = np.zeros((len(status), frames), np.float64)
         for i in np.nonzero(status == "ok")[0]:
-            thetas[i] = self._thetas(frames, float(theta_max[i]))
+            thetas[i] = self._thetas(frames, float(theta_max[i]), int(row_frames[i]))
             per_row[i], reason = self._frames(sources[i], out, i, thetas[i])
             if reason is not None:
                 status[i], errors[i] = "error", reason
         out.pop("target_embeds", None), out.pop("caption_embeds", None)
         if self.mode != "variation":
             out[FRAME_THETA_COLUMN] = thetas
+            out[FRAMES_COLUMN] = row_frames  # typed: the frames each row keeps; the rest are padding
         out["status"], out["error"] = status, errors
         # Image c of a row is frame c % frames of trajectory c // frames, and decodes with that trajectory's seed.
         trajectory_seeds = np.asarray(out["seeds"])
@@ -129,11 +130,12 @@ class ImageEncoderActor(StageActor):
         out["image_embeds"] = np.tile(per_row, (1, trajectories, 1))
         return out
 
-    def _thetas(self, frames: int, theta_max: float) -> np.ndarray:
-        """Each frame's theta: k / (frames - 1) for interpolation, theta_max times that for textdiff."""
+    def _thetas(self, frames: int, theta_max: float, row_frames: int) -> np.ndarray:
+        """Each frame's theta: k / (row_frames - 1) for interpolation, theta_max times that for textdiff. A row
+        with fewer frames than the run decodes is padded with its last frame, which the writer leaves out."""
         if self.mode == "variation":
             return np.zeros(frames)
-        steps = np.arange(frames) / (frames - 1)
+        steps = np.minimum(np.arange(frames), row_frames - 1) / (row_frames - 1)
         return theta_max * steps if self.mode == "textdiff" else steps
 
     def _frames(self, sources: np.ndarray, out: dict, i: int, thetas: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -152,10 +154,10 @@ class ImageEncoderActor(StageActor):
         scale = np.linalg.norm(image)
         return np.stack([scale * slerp(image / scale, difference / length, t) for t in thetas]).astype(np.float32), None
 
-    def _prepare(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _prepare(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Decoded, preprocessed pixels (or the given embedding) of each row's images and what the metadata records
-        of each source image; and each row's theta_max. Rows with an unusable image (or target prompt, or theta_max)
-        become error rows with the reason."""
+        of each source image; and each row's theta_max and frame count. Rows with an unusable image (or target
+        prompt, theta_max or frames) become error rows with the reason."""
         rows, count = len(batch["status"]), len(self.sources)
         status = np.asarray(batch["status"]).astype(object).copy()
         errors = np.asarray(batch["error"]).astype(object).copy()
@@ -165,10 +167,12 @@ class ImageEncoderActor(StageActor):
         described = {name: np.zeros(rows, np.int32) if kind is int else np.full(rows, "", dtype=object)
                      for name, kind in images.source_columns(self.mode).items()}
         theta_max = np.full(rows, self.config.textdiff.theta_max, np.float64)
+        row_frames = np.full(rows, self.config.frames, np.int32)
         decoded: dict[tuple[int, int], object] = {}
         raw_embeddings = batch.get(IMAGE_EMBEDDING_COLUMN)
         targets = batch.get(TARGET_PROMPT_COLUMN)
         row_theta_max = batch.get(THETA_MAX_COLUMN)
+        frames_given = batch.get(FRAMES_COLUMN)
         for i in range(rows):
             for column, prefix in zip(self.sources, self.prefixes):
                 described[prefix][i] = images.source_label(batch[column][i] if column in batch else None) or ""
@@ -177,6 +181,8 @@ class ImageEncoderActor(StageActor):
                 reason = "target_prompt is null" if targets[i] is None else "target_prompt is not a string"
             else:
                 reason = self._row_theta_max(row_theta_max[i], theta_max, i) if row_theta_max is not None else None
+            if reason is None and frames_given is not None:
+                reason = self._row_frames(frames_given[i], row_frames, i)
             if reason is None and raw_embeddings is not None and raw_embeddings[i] is not None:
                 embedding, reason = images.embedding(raw_embeddings[i], self.dim)
                 if reason is None:
@@ -204,7 +210,19 @@ class ImageEncoderActor(StageActor):
                     "has_given": has_given, **described}
         if targets is not None:  # handed on to the metadata, typed as above
             prepared[TARGET_PROMPT_COLUMN] = np.array([t if isinstance(t, str) else "" for t in targets], dtype=object)
-        return prepared, theta_max
+        return prepared, theta_max, row_frames
+
+    def _row_frames(self, value, row_frames: np.ndarray, i: int) -> str | None:
+        """Take row i's own frame count into row_frames[i] (null keeps the configured one); or why it is unusable."""
+        if isinstance(value, (np.integer, np.floating)):
+            value = value.item()
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return None
+        if not 2 <= value <= self.config.frames:
+            return (f"frames must be from 2 to {self.mode}.frames={self.config.frames} (the most any row of this "
+                    f"run decodes), got {value}; raise {self.mode}.frames to allow more")
+        row_frames[i] = int(value)
+        return None
 
     def _row_theta_max(self, value, theta_max: np.ndarray, i: int) -> str | None:
         """Take row i's own theta_max into theta_max[i] (null keeps the configured one); or why it is unusable."""

@@ -289,8 +289,8 @@ def _check_regenerated(output_dir: str, saved_ids: str) -> None:
 
     with open(os.path.join(output_dir, "_attempt.json"), encoding="utf-8") as fh:
         ledger = json.load(fh)
-    mine = [p for p in _metadata_parts(output_dir)
-            if ledger["first_shard"] <= (shard_number(os.path.basename(p)[: -len(".parquet")]) or -1) < ledger["shard_end"]]
+    numbers = {p: shard_number(os.path.basename(p)[: -len(".parquet")]) for p in _metadata_parts(output_dir)}
+    mine = [p for p, n in numbers.items() if n is not None and ledger["first_shard"] <= n < ledger["shard_end"]]
     regenerated, dropped = _prompt_ids(mine), np.load(saved_ids)
     if not np.array_equal(regenerated, dropped):
         raise RuntimeError(f"the resume regenerated {len(regenerated)} prompts, not the {len(dropped)} dropped ones "

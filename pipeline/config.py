@@ -38,7 +38,8 @@ THETA_MAX_COLUMN = "theta_max"
 FRAME_THETA_COLUMN = "frame_theta"
 """Per row, the theta of each frame, handed from the image encoder to the metadata (interpolation and textdiff)."""
 FRAMES_COLUMN = "frames"
-"""Not read: every row of a run decodes the same number of frames (interpolation.frames / textdiff.frames)."""
+"""Optional interpolation / textdiff input column: the row's own number of frames, from 2 up to the configured
+<mode>.frames (null: the configured number). Handed on from the image encoder as the count each row keeps."""
 
 
 class ConfigError(ValueError):
@@ -279,7 +280,7 @@ class InterpolationConfig:
 
     frames: int = 5
     """Images per row at theta = k / (frames - 1), k = 0..frames-1: frame 0 is image_a's variation, the last
-    image_b's; every frame of a row decodes with the same seed."""
+    image_b's; every frame of a row decodes with the same seed. Also the most a row's own `frames` may ask for."""
 
     def __post_init__(self) -> None:
         _check_frames(self.frames, "interpolation.frames")
@@ -290,7 +291,8 @@ class TextdiffConfig:
     """mode: textdiff, moving each row's image embedding toward the change from its caption to target_prompt."""
 
     frames: int = 5
-    """Images per row at theta = theta_max * k / (frames - 1); frame 0 is the image's variation."""
+    """Images per row at theta = theta_max * k / (frames - 1); frame 0 is the image's variation. Also the most a
+    row's own `frames` may ask for."""
     theta_max: float = 0.5
     """How far the last frame turns toward the text difference (0 < theta_max <= 1; 1 reaches it)."""
 

@@ -144,10 +144,6 @@ def preflight(config: Config) -> InputInfo:
 def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
     """The mode's own columns in one file of an image-mode input (images, embeddings, target prompts), checked."""
     spec, names, mode = config.input, schema.names, config.mode
-    if mode != "variation" and FRAMES_COLUMN in names:
-        raise InputError(f"input file {path} has a '{FRAMES_COLUMN}' column, but every row of a run decodes the "
-                         f"same number of frames: set {mode}.frames, and split the input by frame count if rows "
-                         "need different ones (or rename the column)")
 
     def missing(column: str, what: str) -> InputError:
         return InputError(f"input file {path} has no column '{column}' (columns: {', '.join(names)}); {mode} mode "
@@ -179,6 +175,11 @@ def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
         if not found:
             raise missing(spec.image_column, "each row's image as bytes or a path / URL (set input.image_column), "
                                              f"or its CLIP embedding in '{IMAGE_EMBEDDING_COLUMN}'")
+    if mode != "variation" and FRAMES_COLUMN in names:
+        if not pa.types.is_integer(schema.field(FRAMES_COLUMN).type):
+            raise InputError(f"input column '{FRAMES_COLUMN}' in {path} is {schema.field(FRAMES_COLUMN).type}, "
+                             f"expected integers from 2 to {mode}.frames (null: {mode}.frames)")
+        found.append(FRAMES_COLUMN)
     for column in found:
         kind = schema.field(column).type
         if column == IMAGE_EMBEDDING_COLUMN:
@@ -186,7 +187,7 @@ def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
                     or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
                 raise InputError(f"input column '{column}' in {path} is {kind}, expected a list of floats (a raw "
                                  "CLIP image embedding)")
-        elif column not in (TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN) and not (
+        elif column not in (TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN, FRAMES_COLUMN) and not (
                 pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
                 or pa.types.is_large_string(kind)):
             raise InputError(f"input column '{column}' in {path} is {kind}, expected encoded image bytes (binary) "

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline import images as source_images
 from pipeline import storage
-from pipeline.config import FRAME_THETA_COLUMN, IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN, Config
+from pipeline.config import FRAME_THETA_COLUMN, FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN, Config
 from pipeline.counters import merge_stage_counters
 from pipeline.lease import LEASE_FILE, read_lease
 
@@ -254,19 +254,22 @@ class MetadataRows:
                       if "candidate_scores" in batch else None)
         pixels_of = np.asarray(batch["image"][i])
         thetas = np.asarray(batch[FRAME_THETA_COLUMN][i]) if FRAME_THETA_COLUMN in batch else None
+        row_frames = int(batch[FRAMES_COLUMN][i]) if FRAMES_COLUMN in batch else self.frames
         rows = []
-        for rank, index in enumerate(kept):
-            pixels = pixels_of[rank]
+        for position, index in enumerate(kept):
+            pixels = pixels_of[position]
             # Image `index` of a row is frame index % frames of candidate (trajectory) index // frames.
             candidate, frame = divmod(int(index), self.frames)
-            row = {**base, "seed": int(seeds[rank]), "candidate": candidate, "rank": rank,
-                   "clip_score": float(scores[rank]) if scores is not None else None,
+            if frame >= row_frames:  # padding of a row with fewer frames than the run decodes
+                continue
+            row = {**base, "seed": int(seeds[position]), "candidate": candidate, "rank": len(rows),
+                   "clip_score": float(scores[position]) if scores is not None else None,
                    "candidate_scores": all_scores, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
             if self.mode:
                 row["frame"] = frame
                 row["theta"] = float(thetas[frame]) if thetas is not None else None
             if self.embeddings:
-                row[IMAGE_EMBEDDING_COLUMN] = np.asarray(batch["image_embeds"][i][rank], np.float32).tolist()
+                row[IMAGE_EMBEDDING_COLUMN] = np.asarray(batch["image_embeds"][i][position], np.float32).tolist()
             key = f"{safe_key(base['id'])}_{candidate}" + (f"_{frame}" if self.frames > 1 else "")
             meta = {k: v for k, v in row.items() if k not in ("shard", "status", "error")}
             row["image_key"] = sink.add(key, pixels, meta)

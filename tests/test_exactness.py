@@ -232,10 +232,18 @@ def test_interpolation_frames_equal_variations_of_the_slerped_embeddings(tiny_mo
 
     image_a, image_b = _source_images(2)
     (tmp_path / "b.png").write_bytes(_encoded(image_b))
-    batch = image_batch([None], [[11]], image_a=[_encoded(image_a)], image_b=[str(tmp_path / "b.png")])
+    # Row 0 takes interpolation.frames (null); row 1 asks for 3 of the 5; row 2 for more than the run allows.
+    batch = image_batch([None] * 3, [[11], [11], [12]], image_a=[_encoded(image_a)] * 3,
+                        image_b=[str(tmp_path / "b.png")] * 3, frames=[None, 3, 6])
     del batch["image"]
     config = variation_config(tiny_models, "mode=interpolation", "interpolation.frames=5", "stages.decoder.batch_size=2")
     out = run_stages(config, batch)
+    assert list(out["status"]) == ["ok", "ok", "error"]
+    assert out["error"][2] == ("frames must be from 2 to interpolation.frames=5 (the most any row of this run "
+                               "decodes), got 6; raise interpolation.frames to allow more")
+    for k, theta in enumerate((0.0, 0.5, 1.0)):  # row 1: its own 3 frames from image_a to image_b
+        assert within_tolerance(out["image"][1][k], out["image"][0][2 * k]), f"3-frame row, frame {k}"
+        assert out["frame_theta"][1][k] == pytest.approx(theta)
     frames = out["image"][0]
     assert frames.shape == (5, 64, 64, 3)
     z_a, z_b = _image_embedding(reference, image_a), _image_embedding(reference, image_b)
@@ -249,7 +257,10 @@ def test_interpolation_frames_equal_variations_of_the_slerped_embeddings(tiny_mo
     assert not within_tolerance(frames[2], wrong_theta)
 
     metadata = _written_metadata(config, out, tmp_path)
-    assert sorted(metadata) == [("row0", 0, k) for k in range(5)]
+    assert sorted(k for k in metadata if k[0] == "row0") == [("row0", 0, k) for k in range(5)]
+    assert sorted(k for k in metadata if k[0] == "row1") == [("row1", 0, k) for k in range(3)], "padding left out"
+    assert [metadata[("row1", 0, k)]["rank"] for k in range(3)] == [0, 1, 2]
+    assert metadata[("row2", None, None)]["status"] == "error"
     for k in range(5):
         row = metadata[("row0", 0, k)]
         assert (row["theta"], row["seed"], row["image_key"]) == (pytest.approx(k / 4), 11, f"images/row0_0_{k}.png")

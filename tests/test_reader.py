@@ -226,8 +226,8 @@ def test_a_limit_is_a_positive_row_count(tmp_path, value):
     ("variation", {"image_embedding": ["1,2"]}, r"'image_embedding' .* is string, expected a list of floats"),
     ("textdiff", {"image": ["a.png"], "target_prompt": ["b"], "theta_max": ["high"]},
      r"'theta_max' .* is string, expected numbers in \(0, 1\]"),
-    ("interpolation", {"image_a": ["a.png"], "image_b": ["b.png"], "frames": [3]},
-     r"has a 'frames' column, but every row of a run decodes the same number of frames: set interpolation.frames"),
+    ("interpolation", {"image_a": ["a.png"], "image_b": ["b.png"], "frames": [2.5]},
+     r"'frames' .* is double, expected integers from 2 to interpolation.frames \(null: interpolation.frames\)"),
 ])
 def test_image_modes_need_their_columns(tmp_path, mode, columns, message):
     pq.write_table(pa.table(columns), tmp_path / "a.parquet")
