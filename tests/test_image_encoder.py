@@ -116,16 +116,21 @@ def test_a_textdiff_run_through_ray_writes_every_frame_to_webdataset_shards(tiny
     rng = np.random.default_rng(11)
     source = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
     (tmp_path / "source.png").write_bytes(encoded(source))
+    # 'short' asks for 2 of the run's 3 frames (its own `frames`) and keeps textdiff.theta_max (null theta_max).
     pq.write_table(pa.table({
-        "id": ["paint", "same"], "image": [str(tmp_path / "source.png"), str(tmp_path / "source.png")],
-        "prompt": ["a photo of noise", "same words"], "target_prompt": ["an oil painting of noise", "same words"],
-        "theta_max": pa.array([1.0, None], pa.float64()), "seed": pa.array([21, 4], pa.int64()),
+        "id": ["paint", "short", "same"], "image": [str(tmp_path / "source.png")] * 3,
+        "prompt": ["a photo of noise", "a photo of noise", "same words"],
+        "target_prompt": ["an oil painting of noise", "an oil painting of noise", "same words"],
+        "theta_max": pa.array([1.0, None, None], pa.float64()), "frames": pa.array([None, 2, None], pa.int64()),
+        "seed": pa.array([21, 8, 4], pa.int64()),
     }), tmp_path / "rows.parquet")
-    config = load_config(None, FAST_STEPS + ONE_GPU + model_overrides(tiny_models, upsampler_1024=False, clip=False) + [
+    # Both session GPUs: each hosts one actor of every stage, and rows of 3 images in decoder passes of 2 make
+    # batches of one row, which the two decoders split between them.
+    config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + [
         "mode=textdiff", "textdiff.frames=3", "output.format=webdataset", "stages.decoder.batch_size=2",
     ], input_path=str(tmp_path / "rows.parquet"), output_path=str(tmp_path / "out"))
     summary = generate(config).summary
-    assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (1, 1, 3)
+    assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (2, 1, 5)
     # The image encoder stage embeds the captions too (with the checkpoint's text encoder): no text encoder stage.
     assert [s["name"] for s in summary["stages"]] == ["image_encoder", "decoder", "upsampler_256"]
 
@@ -133,15 +138,19 @@ def test_a_textdiff_run_through_ray_writes_every_frame_to_webdataset_shards(tiny
     assert "no difference to move toward" in metadata[("same", None)]["error"]
     samples = {s["__key__"]: s for tar in sorted((tmp_path / "out" / "shards").glob("*.tar"))
                for s in wds.WebDataset(str(tar), shardshuffle=False)}
-    assert sorted(samples) == ["paint_0_0", "paint_0_1", "paint_0_2"]
+    assert sorted(samples) == ["paint_0_0", "paint_0_1", "paint_0_2", "short_0_0", "short_0_1"]
     reference = Reference(tiny_models["unclip"], None)
     z_image = _image_embedding(reference, source)
     difference = _text_embedding(reference, "an oil painting of noise") - _text_embedding(reference, "a photo of noise")
     scale = np.linalg.norm(z_image)
-    for frame, theta in ((0, 0.0), (1, 0.5), (2, 1.0)):  # the row's own theta_max of 1.0 spread over 3 frames
-        row = metadata[("paint", frame)]
-        assert (row["seed"], row["candidate"], row["theta"], row["image_key"]) == (21, 0, theta, f"paint_0_{frame}")
+    # paint: its own theta_max of 1.0 over 3 frames; short: textdiff.theta_max 0.5 over its own 2 frames.
+    for row_id, seed, frame, theta in (("paint", 21, 0, 0.0), ("paint", 21, 1, 0.5), ("paint", 21, 2, 1.0),
+                                       ("short", 8, 1, 0.5)):
+        row = metadata[(row_id, frame)]
+        assert (row["seed"], row["candidate"], row["theta"], row["image_key"]) == (seed, 0, theta,
+                                                                                   f"{row_id}_0_{frame}")
         image = np.asarray(Image.open(io.BytesIO(samples[row["image_key"]]["png"])))
-        expected = reference.variation(21, image_embeddings=scale * _slerp(
+        expected = reference.variation(seed, image_embeddings=scale * _slerp(
             z_image / scale, difference / np.linalg.norm(difference), theta), decoder_steps=4, super_res_steps=3)
-        assert within_tolerance(image, expected), f"frame {frame}: {psnr(image, expected):.1f} dB"
+        assert within_tolerance(image, expected), f"{row_id} frame {frame}: {psnr(image, expected):.1f} dB"
+    assert len([a for a in summary["actors"] if a["stage"] == "decoder"]) == 2
