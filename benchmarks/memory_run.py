@@ -44,8 +44,9 @@ class StandInStage:
     name = ""
 
     def __init__(self, context):
-        from pipeline.progress import StageReporter
+        from pipeline.progress import StageReporter, enlist
 
+        enlist(context.progress_board, self.name)  # as the real actors do: the run's start-up watch counts them
         self.final_image = context.final_image
         self.keep = context.config.rerank.keep
         self.reporter = StageReporter(self.name, context.progress_board)
