@@ -420,9 +420,14 @@ class RunConfig:
     verbose: bool = False
     """Also show Ray's and the model libraries' own output (weight-loading bars, Ray Data's execution notes);
     off, a run prints its own lines and the warnings that matter."""
+    fuse_stages: bool = False
+    """Run all the stages a GPU hosts in one actor (one process and CUDA context per GPU, nothing handed between
+    stages through the object store) instead of one actor per stage; stages then take turns on each batch
+    instead of overlapping. Needs a plan where every GPU hosts every stage (co-located), or no GPUs."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.verbose, bool), f"run.verbose must be true or false, got {self.verbose!r}")
+        _require(isinstance(self.fuse_stages, bool), f"run.fuse_stages must be true or false, got {self.fuse_stages!r}")
         _require(self.gpus == "auto" or (isinstance(self.gpus, int) and not isinstance(self.gpus, bool)
                                          and self.gpus >= 0),
                  f"run.gpus must be 'auto' or a number of GPUs >= 0, got {self.gpus!r}")

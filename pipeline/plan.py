@@ -168,6 +168,25 @@ class Plan:
         return hosted
 
 
+def fused_placement(by_stage: dict[str, Placement], layout: str) -> Placement:
+    """One actor pool for every stage (run.fuse_stages): each actor takes what one actor of every stage took.
+
+    Only where every stage has the same actors on the same GPUs (a co-located plan, or CPU stages with the
+    same replicas); a ConfigError otherwise."""
+    placements = list(by_stage.values())
+    first = placements[0]
+    if any(p.replicas != first.replicas or p.bundles != first.bundles for p in placements):
+        raise ConfigError(f"run.fuse_stages needs every GPU to host every stage, but this plan is {layout} ("
+                          + ", ".join(f"{n}: {p.replicas} actor(s)" for n, p in by_stage.items())
+                          + "); unset run.fuse_stages, or the stages' num_gpus / replicas settings that split them")
+    fractions = [p.memory_fraction for p in placements]
+    return Placement(replicas=first.replicas, num_gpus=min(1.0, sum(p.num_gpus for p in placements)),
+                     num_cpus=sum(p.num_cpus for p in placements),
+                     batch_rows=max(p.batch_rows for p in placements), batch_images=max(p.batch_images for p in placements),
+                     threads=sum(p.threads for p in placements), bundles=list(first.bundles),
+                     memory_fraction=min(1.0, sum(fractions)) if None not in fractions else None)
+
+
 def _ranges(indices: list[int]) -> str:
     return f"{indices[0]}" if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
 

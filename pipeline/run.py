@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
 from actors.base import StageContext
+from actors.fused import FusedStages
 from pipeline import checkpoints, cluster, costs, reader, storage
 from pipeline.config import Config, compute_dtype, redacted
 from pipeline.lease import LeaseError
 from pipeline.output import SUCCESS_FILE, OutputDir, same_input
-from pipeline.plan import ClusterShape, Plan, Placement, StageSpec, bundle_cpus, plan_placements, stage_specs, task_cpus
+from pipeline.plan import (ClusterShape, Plan, Placement, StageSpec, bundle_cpus, fused_placement, plan_placements,
+                           stage_specs, task_cpus)
 from pipeline.reservation import GpuReservation, ReservationTimeout
 from pipeline.progress import ProgressPrinter, StartupWatch
 from pipeline.report import REPORT_FILE, scan_metadata, write_report
@@ -162,6 +164,8 @@ def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: d
     benchmark passes stand-in actors)."""
     import ray.data
 
+    if config.run.fuse_stages:
+        return _chain_fused(dataset, config, stages, placements, runtime_env, actor_for, progress_board, reservation)
     block_rows = None
     for stage in stages:
         placement = placements[stage.name]
@@ -183,6 +187,26 @@ def chain_stages(dataset, config: Config, stages: list[StageSpec], placements: d
             num_gpus=placement.num_gpus or None, num_cpus=placement.num_cpus, runtime_env=runtime_env, **pinned,
         )
     return dataset
+
+
+def _chain_fused(dataset, config: Config, stages: list[StageSpec], placements: dict[str, Placement],
+                 runtime_env, actor_for, progress_board, reservation):
+    """One actor pool whose actors run every stage in turn (run.fuse_stages)."""
+    import ray.data
+
+    fused = fused_placement(placements, "planned")
+    chain = [(actor_for(stage), StageContext(
+        config=config, use_gpu=fused.num_gpus > 0, num_threads=fused.threads, final_image=stage.final_image,
+        options=stage.options, progress_board=progress_board, batch_images=placements[stage.name].batch_images,
+        memory_fraction=fused.memory_fraction)) for stage in stages]
+    pinned = {}
+    if fused.bundles and reservation is not None:
+        pinned["ray_remote_args_fn"] = reservation.pin(fused.bundles, runtime_env)
+    return dataset.repartition(target_num_rows_per_block=fused.batch_rows).map_batches(
+        FusedStages, fn_constructor_kwargs={"stages": chain}, batch_size=fused.batch_rows, batch_format="numpy",
+        zero_copy_batch=False,
+        compute=ray.data.ActorPoolStrategy(size=fused.replicas, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+        num_gpus=fused.num_gpus or None, num_cpus=fused.num_cpus, runtime_env=runtime_env, **pinned)
 
 
 def build_dataset(config: Config, info: reader.InputInfo, stages: list[StageSpec],
@@ -285,6 +309,8 @@ def generate(config: Config, *, progress=None) -> RunResult:
             output.confirm()
             planning_costs = _costs_for_planning(config, shape)
             plan = plan_placements(config, stages, shape, planning_costs, rows=max(1, info.rows))
+            if config.run.fuse_stages:  # refused here, before anything is written, if the plan cannot be fused
+                fused_placement(plan.placements, plan.layout)
             state = output.prepare(resolved_compute(config, stages, plan, cuda), info.fingerprint, info.rows)
             if state.finished is not None:  # another attempt finished it meanwhile
                 return RunResult(summary=state.finished, already_done=True)

@@ -7,7 +7,8 @@ torch, not the tiny models' compute):
 - Join the session Ray (`ray_session`) rather than starting one; a subprocess driver joins it with
   ``RAY_ADDRESS=ray_session.get_runtime_context().gcs_address`` (it has no token auth).
 - A test that only reads what a normal run wrote reads `shared_run` instead of running its own.
-- A Ray run that is not about placement over several GPUs adds `ONE_GPU` (one actor per stage).
+- A Ray run that is not about placement over several GPUs or stage actors adds `ONE_GPU` (one actor for
+  every stage).
 - Leave out stages a test does not need: ``model_overrides(models, upsampler_1024=False, clip=False)``.
 """
 
@@ -29,14 +30,17 @@ import pytest
 FAST_STEPS = ["stages.prior.steps=4", "stages.decoder.steps=4", "stages.upsampler_256.steps=3",
               "stages.upsampler_1024.steps=3"]
 
-ONE_GPU = ["run.gpus=1"]
-"""For Ray runs on the session cluster whose test is not about placement over several GPUs.
+ONE_GPU = ["run.gpus=1", "run.fuse_stages=true"]
+"""For Ray runs on the session cluster whose test is not about placement over several GPUs or the actors of
+each stage.
 
 The session Ray has 2 fake GPUs, so a co-located plan starts one actor per stage on each: 2 x stages actor
 processes, each importing torch and diffusers and loading its model. On a 2-core machine that start-up, not
-the tiny models' compute, is most of a run's time. With one GPU planned every stage gets one actor, and the
-run still goes through the whole path (reservation, pinned bundle, streaming pools, writer). Tests about
-placement or replicas (test_run's CLI run, the exactness 'large' run) keep both GPUs.
+the tiny models' compute, is most of a run's time. With one GPU planned and the stages fused, one actor runs
+every stage, and the run still goes through the whole path (reservation, pinned bundle, streaming pool, writer).
+Tests about placement, replicas or stage actors (test_run's CLI run, the exactness 'large' run, the textdiff
+run, the killed actors) keep one actor per stage; the exactness 'small' run, fused, is compared with the
+'large' one.
 """
 
 

@@ -71,7 +71,9 @@ def test_killed_stage_actors_are_restarted_and_their_batches_retried(tiny_models
     killer = ActorKiller(kills=3, gap=1.0, seed=1)
     killer.start()
     try:
-        result = generate(load_config(None, fault_sets(tiny_models), input_path=prompts, output_path=output))
+        # One actor per stage (not fused), so each stage loses one.
+        result = generate(load_config(None, fault_sets(tiny_models, "run.fuse_stages=false"), input_path=prompts,
+                                      output_path=output))
     finally:
         killer.stop.set()
         killer.join()

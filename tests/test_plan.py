@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import STAGE_NAMES as STAGES
 from pipeline.config import ConfigError, load_config
 from pipeline.costs import StageCost
-from pipeline.plan import MEMORY_MARGIN, ClusterShape, plan_placements, stage_specs
+from pipeline.plan import MEMORY_MARGIN, ClusterShape, fused_placement, plan_placements, stage_specs
 from pipeline.plan import CUDA_CONTEXT_GB
 from benchmarks.event_model import NO_OVERHEADS, ActorSpec, StageTiming, simulate
 
@@ -98,6 +98,22 @@ def test_models_that_fit_together_are_co_located_on_every_gpu(gpus):
     assert plan.bound == pytest.approx(bound, rel=1e-6)
     assert rate >= 0.95 * bound, plan.table()
     assert plan.predicted == pytest.approx(rate, rel=0.03), plan.table()
+
+
+def test_fused_stages_take_what_one_actor_of_every_stage_took_and_need_a_co_located_plan():
+    cfg, cost = config("rerank.candidates=2", "rerank.keep=1", "run.fuse_stages=true"), costs()
+    cluster = ClusterShape(cpus=16, gpus=2, gpu_memory_gb=80)
+    plan = plan_placements(cfg, stage_specs(cfg), cluster, cost, rows=2000)
+    fused = fused_placement(plan.placements, plan.layout)
+    assert (fused.replicas, fused.bundles) == (2, [0, 1])
+    assert fused.num_gpus == pytest.approx(1.0) and fused.memory_fraction is not None
+    assert fused.num_cpus == pytest.approx(sum(p.num_cpus for p in plan.placements.values()))
+    assert fused.batch_rows == max(p.batch_rows for p in plan.placements.values())
+    split = plan_placements(config("run.fuse_stages=true"), stage_specs(cfg), ClusterShape(cpus=64, gpus=16, gpu_memory_gb=16),
+                            costs(weights_gb=5.0, activation_gb=0.5), rows=2000)
+    with pytest.raises(ConfigError, match=r"run.fuse_stages needs every GPU to host every stage, but this plan is "
+                                          r"(dedicated|mixed) \(text_encoder: \d+ actor\(s\)"):
+        fused_placement(split.placements, split.layout)
 
 
 def test_models_that_do_not_fit_together_get_gpus_of_their_own_in_proportion_to_cost():
