@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.rowids import DIGEST, digest, repeated
+from pipeline.rowids import DIGEST, DigestBuffer, digest, repeated_in_sorted
 from pipeline.writer import SHARDS_DIR
 
 REPORT_FILE = "report.json"
@@ -88,11 +88,12 @@ class MetadataScan:
 def scan_metadata(output, limit: int = SHEET_IMAGES) -> MetadataScan:
     """One pass over the committed metadata parts, a record batch at a time."""
     scan = MetadataScan()
-    keys, rank0_scores, kept_scores = [], [], []
+    keys = DigestBuffer(output.committed_rows())  # sized from the parts' footers: one array, sorted in place
+    rank0_scores, kept_scores = [], []
     sheet: list[tuple] = []  # the `limit` smallest ids so far, largest on top
     for batch in output.iter_metadata(list(REPORT_COLUMNS)):
         ids, ranks = batch.column("id").to_pylist(), batch.column("rank").to_pylist()
-        keys.append(np.fromiter((digest(f"{i}\0{r}") for i, r in zip(ids, ranks)), dtype=DIGEST, count=len(ids)))
+        keys.add(np.fromiter((digest(f"{i}\0{r}") for i, r in zip(ids, ranks)), dtype=DIGEST, count=len(ids)))
         ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
         first = pc.fill_null(pc.equal(batch.column("rank"), 0), False)
         ok_first = pc.and_(ok, first)
@@ -119,8 +120,7 @@ def scan_metadata(output, limit: int = SHEET_IMAGES) -> MetadataScan:
             elif row["id"] < sheet[0][1]["id"]:
                 heapq.heapreplace(sheet, entry)
     scan.rows = scan.ok + scan.error
-    all_keys = np.concatenate(keys) if keys else np.empty(0, DIGEST)
-    twice = repeated(all_keys)
+    twice = repeated_in_sorted(keys.sorted())
     if len(twice):
         scan.duplicates = _ids_of(output, set(twice.tolist()))
     scan.clip_rank0 = np.concatenate(rank0_scores) if rank0_scores else scan.clip_rank0

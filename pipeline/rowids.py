@@ -27,9 +27,10 @@ class IdSet:
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[np.ndarray]) -> IdSet:
-        parts = list(chunks)
-        values = np.concatenate(parts) if parts else np.empty(0, dtype=DIGEST)
-        return cls(np.unique(values))
+        values = sorted_digests(chunks)
+        if len(values) > 1:
+            values = values[np.concatenate(([True], values[1:] != values[:-1]))]
+        return cls(values)
 
     @classmethod
     def of(cls, row_ids: Iterable[str]) -> IdSet:
@@ -53,9 +54,35 @@ class IdSet:
         return self.sorted[where] == wanted
 
 
-def repeated(values: np.ndarray) -> np.ndarray:
-    """The digests that occur more than once in `values` (each once)."""
-    if len(values) < 2:
-        return np.empty(0, dtype=values.dtype)
-    ordered = np.sort(values)
-    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+class DigestBuffer:
+    """Digests gathered into one array and sorted in place: at 10M ids one 160 MB array, where collecting
+    chunks, concatenating them and sorting a copy held three. `capacity`: how many to expect (it grows past)."""
+
+    def __init__(self, capacity: int = 0):
+        self.values, self.used = np.empty(max(capacity, 0), dtype=DIGEST), 0
+
+    def add(self, chunk: np.ndarray) -> None:
+        if self.used + len(chunk) > len(self.values):
+            grown = np.empty(max(self.used + len(chunk), len(self.values) * 3 // 2), dtype=DIGEST)
+            grown[:self.used] = self.values[:self.used]
+            self.values = grown
+        self.values[self.used:self.used + len(chunk)] = chunk
+        self.used += len(chunk)
+
+    def sorted(self) -> np.ndarray:
+        values = self.values[:self.used]
+        values.sort()
+        return values
+
+
+def sorted_digests(chunks: Iterable[np.ndarray], capacity: int = 0) -> np.ndarray:
+    buffer = DigestBuffer(capacity)
+    for chunk in chunks:
+        buffer.add(chunk)
+    return buffer.sorted()
+
+
+def repeated_in_sorted(ordered: np.ndarray) -> np.ndarray:
+    """The digests that occur more than once in an already sorted array (each once)."""
+    same = ordered[1:] == ordered[:-1]
+    return np.unique(ordered[1:][same])

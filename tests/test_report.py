@@ -59,3 +59,19 @@ def test_report_and_contact_sheet_from_what_the_output_holds(tmp_path, output_fo
     assert pixels.shape[1] == 2 * (THUMB + 8)
     assert (pixels[4:4 + THUMB, 4:4 + THUMB] == 255).all()  # row-0's white image, top left
     assert not (pixels[4:4 + THUMB, THUMB + 12:2 * THUMB + 12] == 255).all()
+
+
+def test_the_scan_counts_every_row_and_names_ids_committed_twice(tmp_path):
+    from pipeline.report import scan_metadata
+    from pipeline.writer import ShardNumbers, ShardWriter
+
+    config = load_config(None, ["models.unclip=/x"], input_path="in", output_path=str(tmp_path / "out"))
+    write = ShardWriter(config, ShardNumbers())
+    first = batch(n_ok=2, keep=2, size=8)
+    write(first)
+    assert scan_metadata(OutputDir(config)).duplicates == []
+    again = batch(n_ok=2, keep=2, size=8)
+    again["id"] = np.array(["row-0", "other-1", "other-2"], dtype=object)  # row-0 committed a second time
+    write(again)
+    scan = scan_metadata(OutputDir(config))
+    assert scan.duplicates == ["row-0"] and scan.rows == 6
