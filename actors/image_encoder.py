@@ -214,9 +214,8 @@ class ImageEncoderActor(StageActor):
 
     def _row_frames(self, value, row_frames: np.ndarray, i: int) -> str | None:
         """Take row i's own frame count into row_frames[i] (null keeps the configured one); or why it is unusable."""
-        if isinstance(value, (np.integer, np.floating)):
-            value = value.item()
-        if value is None or (isinstance(value, float) and np.isnan(value)):
+        value = _given_number(value)
+        if value is None:
             return None
         if not 2 <= value <= self.config.frames:
             return (f"frames must be from 2 to {self.mode}.frames={self.config.frames} (the most any row of this "
@@ -226,11 +225,18 @@ class ImageEncoderActor(StageActor):
 
     def _row_theta_max(self, value, theta_max: np.ndarray, i: int) -> str | None:
         """Take row i's own theta_max into theta_max[i] (null keeps the configured one); or why it is unusable."""
-        if isinstance(value, (np.integer, np.floating)):
-            value = value.item()
-        if value is None or (isinstance(value, float) and np.isnan(value)):
+        value = _given_number(value)
+        if value is None:
             return None
         problem = theta_max_problem(value, THETA_MAX_COLUMN)
         if problem is None:
             theta_max[i] = float(value)
         return problem
+
+
+def _given_number(value):
+    """A row's optional number as Python, or None when null (Ray hands an integer column with nulls on as
+    floats with NaN)."""
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
