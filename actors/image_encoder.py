@@ -8,8 +8,8 @@ import torch
 from actors.base import GENERATOR_STATE, StageActor
 from actors.text_encoder import encode_prompts
 from pipeline import images, seeds
-from pipeline.config import (FRAME_THETA_COLUMN, FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS,
-                             TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN, theta_max_problem)
+from pipeline.config import (FRAME_THETA_COLUMN, FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN,
+                             THETA_MAX_COLUMN, theta_max_problem)
 
 TEXT_COLUMNS = ("text_embeds", "text_hidden", "text_mask", "uncond_embeds", "uncond_hidden", "uncond_mask")
 SOURCE_EMBEDS = "source_embeds"
@@ -50,11 +50,10 @@ class ImageEncoderActor(StageActor):
     def __init__(self, context):
         config = context.config
         self.mode = config.mode
-        self.sources = (list(INTERPOLATION_COLUMNS) if self.mode == "interpolation"
-                        else [config.input.image_column])
+        self.sources = list(config.source_image_columns)
         self.prefixes = images.source_prefixes(self.mode)
         self.drops = ("pixel_values", "given_embeds", "has_given", IMAGE_EMBEDDING_COLUMN, THETA_MAX_COLUMN,
-                      *self.sources)
+                      *self.sources, *map(images.kind_column, self.sources))
         super().__init__(context)
 
     def load(self) -> None:
@@ -175,7 +174,7 @@ class ImageEncoderActor(StageActor):
         frames_given = batch.get(FRAMES_COLUMN)
         for i in range(rows):
             for column, prefix in zip(self.sources, self.prefixes):
-                described[prefix][i] = images.source_label(batch[column][i] if column in batch else None) or ""
+                described[prefix][i] = images.source_label(images.source_value(batch, column, i)) or ""
         for i in np.nonzero(status == "ok")[0]:
             if targets is not None and not isinstance(targets[i], str):
                 reason = "target_prompt is null" if targets[i] is None else "target_prompt is not a string"
@@ -189,7 +188,7 @@ class ImageEncoderActor(StageActor):
                     given[i, 0], has_given[i, 0] = embedding, True
             elif reason is None:
                 for s, (column, prefix) in enumerate(zip(self.sources, self.prefixes)):
-                    value = batch[column][i] if column in batch else None
+                    value = images.source_value(batch, column, i)
                     image, reason, digest = images.load(value, self.config.storage_options)
                     described[f"{prefix}_sha256"][i] = digest or ""
                     if reason is not None:

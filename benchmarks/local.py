@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from actors.base import StageContext
-from pipeline.config import Config
+from pipeline import images as source_images
+from pipeline.config import INTERPOLATION_COLUMNS, Config
 
 
 def prompt_batch(prompts: list[str], seeds) -> dict[str, np.ndarray]:
@@ -17,13 +18,17 @@ def prompt_batch(prompts: list[str], seeds) -> dict[str, np.ndarray]:
 
 
 def image_batch(images: list, seeds, prompts: list[str] | None = None, **columns) -> dict[str, np.ndarray]:
-    """Image-mode rows as the reader makes them: each row's image value (bytes, a path, or None) in `image`."""
+    """Image-mode rows as the reader makes them: each row's image value (bytes, a path, or None) in `image`;
+    `image_a` and `image_b` (interpolation) the same way; any other column as given."""
     batch = prompt_batch(prompts if prompts is not None else [""] * len(images), seeds)
     for name, values in {"image": images, **columns}.items():
-        column = np.empty(len(values), dtype=object)
-        for i, value in enumerate(values):
-            column[i] = value
-        batch[name] = column
+        if name in ("image", *INTERPOLATION_COLUMNS):
+            batch[name], batch[source_images.kind_column(name)] = source_images.carried(values)
+        else:
+            column = np.empty(len(values), dtype=object)
+            for i, value in enumerate(values):
+                column[i] = value
+            batch[name] = column
     return batch
 
 

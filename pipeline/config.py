@@ -502,6 +502,14 @@ class Config:
         return {"interpolation": self.interpolation.frames, "textdiff": self.textdiff.frames}.get(self.mode, 1)
 
     @property
+    def source_image_columns(self) -> tuple[str, ...]:
+        """The input columns holding each row's source images (bytes or paths / URLs): image_a and image_b for
+        interpolation, input.image_column in the other image modes, none in text mode."""
+        if not self.image_mode:
+            return ()
+        return INTERPOLATION_COLUMNS if self.mode == "interpolation" else (self.input.image_column,)
+
+    @property
     def images_per_row(self) -> int:
         """Images each row decodes: rerank.candidates trajectories of `frames` images."""
         return self.rerank.candidates * self.frames

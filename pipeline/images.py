@@ -32,6 +32,40 @@ def source_columns(mode: str) -> dict[str, type]:
     return {prefix + suffix: kind for prefix in source_prefixes(mode) for suffix, kind in SOURCE_FIELDS.items()}
 
 
+NO_IMAGE, IMAGE_BYTES, IMAGE_LOCATION = 0, 1, 2
+"""What an image column's `kind_column` says a row holds: no image (null), encoded bytes, a path / URL."""
+
+
+def kind_column(column: str) -> str:
+    """The int8 column that travels beside an image column between the reader and the image encoder."""
+    return f"{column}_kind"
+
+
+def carried(values: list) -> tuple[np.ndarray, np.ndarray]:
+    """One image column's values as they travel through Ray: (data, kinds), the data as bytes (a path / URL
+    UTF-8 encoded, b"" for none) and its kind (NO_IMAGE, IMAGE_BYTES or IMAGE_LOCATION).
+
+    A Parquet column is either string (paths / URLs) or binary (encoded bytes), and a batch may merge rows of
+    files of both kinds (Ray then gives the merged column one type: paths would arrive as bytes); a column of
+    only nulls may arrive as floats. One binary column and one integer column keep their types whatever merges."""
+    data = np.full(len(values), b"", dtype=object)
+    kinds = np.full(len(values), NO_IMAGE, dtype=np.int8)
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            data[i], kinds[i] = value.encode("utf-8"), IMAGE_LOCATION
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data[i], kinds[i] = bytes(value), IMAGE_BYTES
+    return data, kinds
+
+
+def source_value(batch: dict, column: str, i: int):
+    """Row i's image as the input gave it (see `carried`): its encoded bytes, its path / URL, or None."""
+    kind = int(batch[kind_column(column)][i])
+    if kind == IMAGE_BYTES:
+        return bytes(batch[column][i])
+    return bytes(batch[column][i]).decode("utf-8") if kind == IMAGE_LOCATION else None
+
+
 def source_label(value) -> str | None:
     """Where an input image came from, as recorded: its path / URL, `bytes`, or None (no image)."""
     if isinstance(value, (bytes, bytearray, memoryview)):

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import rowids, seeds, storage
+from pipeline import images, rowids, seeds, storage
 from pipeline.config import (FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN,
                              THETA_MAX_COLUMN, Config)
 
@@ -246,6 +246,7 @@ class RowPreparer:
         self.has_id, self.has_seed = info.has_id, info.has_seed
         self.has_prompt, self.image_columns = info.has_prompt, info.image_columns
         self.image_mode = config.image_mode
+        self.source_image_columns = config.source_image_columns
         self.done_ids = done_ids
         self.row_limits = info.row_limits
 
@@ -286,8 +287,20 @@ class RowPreparer:
             "id": ids[keep], "prompt": clean_prompts[keep], "status": status[keep], "error": errors[keep],
             "truncated": np.zeros(int(keep.sum()), dtype=bool), "seeds": seed_matrix[keep],
             "row_seed": row_seed[keep], "row_seed_known": row_seed_known[keep],
-            **{column: _objects(table.column(column).to_pylist())[keep] for column in self.image_columns},
+            **self._image_values(table, keep),
         }
+
+    def _image_values(self, table: pa.Table, keep: np.ndarray) -> dict[str, np.ndarray]:
+        """The image-mode columns of the kept rows; each source image column as images.carried makes it."""
+        values = {}
+        for column in self.image_columns:
+            raw = table.column(column).to_pylist()
+            if column in self.source_image_columns:
+                data, kinds = images.carried(raw)
+                values[column], values[images.kind_column(column)] = data[keep], kinds[keep]
+            else:
+                values[column] = _objects(raw)[keep]
+        return values
 
     def _done_ids(self) -> rowids.IdSet | None:
         """The ids earlier attempts committed: given directly, or as a Ray object (fetched once per process,

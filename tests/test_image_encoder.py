@@ -67,9 +67,6 @@ def test_a_variation_run_reads_images_from_s3_and_keeps_going_past_bad_ones(tiny
         "mode=variation", "rerank.candidates=2", "rerank.keep=2", "stages.image_encoder.batch_size=2",
         "stages.decoder.batch_size=3", "stages.upsampler_256.batch_size=2", "output.shard_size=3",
         "storage_options.key=testing", f"storage_options.secret={SECRET}", "output.save_embeddings=true",
-        # Not fused: a fused actor's larger blocks merge rows of the string (URL) file and the binary file, and
-        # the merged column turns the URLs into bytes (a known open bug of mixed image column types).
-        "run.fuse_stages=false",
     ], input_path=f"s3://{bucket}/input/", output_path=f"s3://{bucket}/out")
     summary = generate(config).summary
     assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (3, 5, 6)

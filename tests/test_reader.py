@@ -242,3 +242,24 @@ def test_variations_without_captions_keep_every_candidate(tmp_path):
     assert not info.has_prompt and info.image_columns == ["image"]
     with pytest.raises(InputError, match=r"no 'prompt' column to rerank variation candidates by"):
         preflight(config(tmp_path / "a.parquet", "mode=variation", "models.clip=/c", "rerank.candidates=2"))
+
+
+def test_image_paths_and_image_bytes_from_different_files_stay_apart_when_ray_merges_their_blocks(ray_session,
+                                                                                               tmp_path):
+    from pipeline import images
+    from pipeline.reader import read_prompts
+
+    # A Parquet column is either string (paths / URLs) or binary (encoded bytes), so an input mixing both is two
+    # files; a batch that merges rows of both (a larger actor batch, a repartition) must still tell them apart.
+    (tmp_path / "in").mkdir()
+    paths = {"path-1": "s3://bucket/one.png", "path-2": "/data/two.png", "path-none": None}
+    blobs = {"bytes-1": b"\x89PNG one", "bytes-2": b"\x89PNG two", "bytes-none": None}
+    for name, rows, kind in (("paths", paths, pa.string()), ("blobs", blobs, pa.binary())):
+        pq.write_table(pa.table({"id": list(rows), "image": pa.array(list(rows.values()), kind)}),
+                       tmp_path / "in" / f"{name}.parquet")
+    cfg = config(tmp_path / "in", "mode=variation")
+    merged = next(iter(read_prompts(cfg, preflight(cfg)).repartition(1).iter_batches(batch_size=None,
+                                                                                      batch_format="numpy")))
+    assert len(merged["id"]) == 6
+    given = {**paths, **blobs}
+    assert {row_id: images.source_value(merged, "image", i) for i, row_id in enumerate(merged["id"])} == given
