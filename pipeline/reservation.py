@@ -56,8 +56,9 @@ class GpuReservation:
                 say(f"got {self.gpus} GPU(s) after {time.monotonic() - started:.0f} s")
                 return
 
-    def probe(self) -> list[dict]:
-        """What the GPUs really are, one per node: node, CUDA's device name and memory (None without CUDA)."""
+    def probe(self, meanwhile: Callable[[], None] = lambda: None) -> list[dict]:
+        """What the GPUs really are, one per node: node, CUDA's device name and memory (None without CUDA).
+        `meanwhile` runs while the probes do (they start a worker process on each node)."""
         import ray
         from ray.util.placement_group import placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -65,8 +66,10 @@ class GpuReservation:
         nodes = placement_group_table(self.group).get("bundles_to_node_id", {}) or {0: None}
         first_on_node = sorted({node: int(index) for index, node in sorted(nodes.items(), reverse=True)}.values())
         probe = ray.remote(num_gpus=0.001, num_cpus=min(0.01, self.bundle["CPU"]))(_describe_gpu)
-        return ray.get([probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.group, placement_group_bundle_index=index)).remote() for index in first_on_node])
+        probes = [probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=index)).remote() for index in first_on_node]
+        meanwhile()
+        return ray.get(probes)
 
     def pin(self, bundles: list[int], runtime_env: dict | None = None) -> Callable[[], dict]:
         """Ray Data's per-actor remote-args hook for a pool whose actors go to `bundles`, in start order.

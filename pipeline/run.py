@@ -130,20 +130,24 @@ def planned_cluster(config: Config) -> ClusterShape:
     return ClusterShape(cpus=float(resources.get("CPU", 1.0)), gpus=gpus, cpus_per_gpu=cluster.cpus_per_gpu())
 
 
-def reserve_gpus(config: Config, shape: ClusterShape, before_waiting=lambda: None
+def reserve_gpus(config: Config, shape: ClusterShape, settle=lambda: None
                  ) -> tuple[GpuReservation | None, ClusterShape, bool]:
-    """Hold the planned GPUs (waiting for an autoscaler if needed; `before_waiting` runs first when they are not
-    there at once) and learn their memory, and whether torch computes on them with CUDA (False on a CPU
-    machine's fake GPUs)."""
+    """Hold the planned GPUs (waiting for an autoscaler if needed) and learn their memory, and whether torch
+    computes on them with CUDA (False on a CPU machine's fake GPUs).
+
+    `settle` runs meanwhile: before waiting when the GPUs are not there at once, else while they are probed.
+    Whatever it raises releases the GPUs."""
     if shape.gpus < 1:
         return None, shape, False
     reservation = GpuReservation(shape.gpus, bundle_cpus(shape))
     try:
-        reservation.wait(config.run.gpu_wait_s, lambda line: print(line, file=sys.stderr, flush=True),
-                         before_waiting)
+        reservation.wait(config.run.gpu_wait_s, lambda line: print(line, file=sys.stderr, flush=True), settle)
+        probed = reservation.probe(meanwhile=settle)
     except ReservationTimeout as exc:
         raise RunFailed(str(exc)) from None
-    probed = reservation.probe()
+    except BaseException:
+        reservation.release()
+        raise
     broken = [g for g in probed if isinstance(g["cuda"], str)]
     if broken:
         reservation.release()
@@ -304,7 +308,7 @@ def generate(config: Config, *, progress=None) -> RunResult:
     attempt = output.claim()
     try:
         # Then the GPUs: a run that cannot get them fails before it writes anything but its lease.
-        reservation, shape, cuda = reserve_gpus(config, planned_cluster(config), before_waiting=output.confirm)
+        reservation, shape, cuda = reserve_gpus(config, planned_cluster(config), settle=output.confirm)
         try:
             output.confirm()
             planning_costs = _costs_for_planning(config, shape)

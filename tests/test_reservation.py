@@ -48,3 +48,27 @@ def test_pinned_actors_run_on_their_bundles_gpu(ray_session):
             ray.kill(actor)
     finally:
         reservation.release()
+
+
+def test_the_output_claim_settles_while_the_gpus_are_probed_and_a_lost_claim_frees_them(ray_session):
+    from pipeline.config import load_config
+    from pipeline.lease import LeaseError
+    from pipeline.plan import ClusterShape
+    from pipeline.run import reserve_gpus
+
+    config = load_config(None, ["models.unclip=/x", "run.gpus=2"], input_path="in", output_path="out")
+    settled = []
+
+    def settle():
+        settled.append(True)
+        raise LeaseError("output out is in use by another run")
+
+    # The session's 2 GPUs are free, so nothing is waited for: the claim settles during the probe instead.
+    with pytest.raises(LeaseError):
+        reserve_gpus(config, ClusterShape(cpus=4, gpus=2), settle=settle)
+    assert settled == [True]
+    again = GpuReservation(2, 0.1)  # the losing driver let go of its GPUs at once
+    try:
+        again.wait(5.0, print)
+    finally:
+        again.release()
