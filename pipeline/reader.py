@@ -137,7 +137,7 @@ def preflight(config: Config) -> InputInfo:
                          f"input has no '{spec.prompt_column}' column to rerank {config.mode} candidates by; add "
                          "captions, or set rerank.keep to rerank.candidates to keep every candidate")
     if info.has_id:
-        _check_unique_ids(fs, files, spec.id_name, info.rows)
+        _check_unique_ids(fs, files, spec.id_name)
     return info
 
 
@@ -195,15 +195,18 @@ def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
     return found
 
 
-def _check_unique_ids(fs, files: list[str], column: str, rows: int) -> None:
-    # One streaming pass over the id column into one sorted array of 16-byte digests: 10M ids cost 160 MB.
+def _check_unique_ids(fs, files: list[str], column: str) -> None:
+    # One streaming pass over the id column as 16-byte digests, in bounded memory (rowids.RepeatedDigests).
     def values():
         for path in files:
             with fs.open(path, "rb") as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(columns=[column], batch_size=65536):
                     yield path, [str(v) for v in batch.column(0).to_pylist() if v is not None]
 
-    twice = rowids.repeated_in_sorted(rowids.sorted_digests((rowids.digests(ids) for _, ids in values()), rows))
+    finder = rowids.RepeatedDigests()
+    for _, ids in values():
+        finder.add(rowids.digests(ids))
+    twice = finder.repeated()
     if not len(twice):
         return
     wanted, seen = set(twice.tolist()), set()

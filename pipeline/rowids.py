@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -86,3 +89,55 @@ def repeated_in_sorted(ordered: np.ndarray) -> np.ndarray:
     """The digests that occur more than once in an already sorted array (each once)."""
     same = ordered[1:] == ordered[:-1]
     return np.unique(ordered[1:][same])
+
+
+class RepeatedDigests:
+    """Finds the digests that occur more than once among any number of them, in bounded memory.
+
+    Up to `in_memory` digests are held in one array. Past that, the array is sorted and spilled to files on
+    local disk, one file per leading byte, and emptied; equal digests share their leading byte, so `repeated`
+    then checks each file on its own. Memory stays about 16 bytes x in_memory (16 MB by default) whatever the
+    count: 10M ids spill 160 MB to disk instead of holding it.
+    """
+
+    PARTITIONS = 256
+
+    def __init__(self, in_memory: int = 1_000_000):
+        self.in_memory = max(1, in_memory)
+        self.buffer = DigestBuffer(self.in_memory)  # untouched pages cost nothing until digests fill them
+        self.spill_dir: Path | None = None
+
+    def add(self, chunk: np.ndarray) -> None:
+        while len(chunk):
+            room = self.in_memory - self.buffer.used
+            self.buffer.add(chunk[:room])
+            chunk = chunk[room:]
+            if self.buffer.used >= self.in_memory:
+                self._spill()
+
+    def _spill(self) -> None:
+        values = self.buffer.sorted()
+        if self.spill_dir is None:
+            self.spill_dir = Path(tempfile.mkdtemp(prefix="unclip-ray-ids-"))
+        leading = values.view(np.uint8).reshape(-1, DIGEST.itemsize)[:, 0]
+        bounds = np.searchsorted(leading, np.arange(self.PARTITIONS + 1), side="left")
+        for part in np.nonzero(bounds[1:] > bounds[:-1])[0]:
+            with open(self.spill_dir / f"{part:03d}", "ab") as fh:
+                values[bounds[part]:bounds[part + 1]].tofile(fh)
+        self.buffer.used = 0  # the same array takes the next digests
+
+    def repeated(self) -> np.ndarray:
+        """Every digest added more than once (each once, sorted); the spill files are removed."""
+        if self.spill_dir is None:
+            return repeated_in_sorted(self.buffer.sorted())
+        try:
+            self._spill()
+            found = []
+            for path in sorted(self.spill_dir.iterdir()):
+                values = np.fromfile(path, dtype=DIGEST)
+                values.sort()
+                found.append(repeated_in_sorted(values))
+            return np.concatenate(found) if found else np.empty(0, dtype=DIGEST)
+        finally:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self.spill_dir = None

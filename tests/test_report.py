@@ -37,6 +37,25 @@ def test_score_distribution():
     assert score_distribution([]) is None
 
 
+def test_score_sketch_matches_exact_statistics_within_its_resolution():
+    from pipeline.report import ScoreSketch
+
+    rng = np.random.default_rng(5)
+    scores = np.clip(rng.normal(28, 6, 200_000), -100, 100).astype(np.float32)
+    sketch = ScoreSketch()
+    for chunk in np.array_split(scores, 7):  # added a record batch at a time
+        sketch.add(chunk)
+    got, values = sketch.distribution(), scores.astype(np.float64)
+    assert got["count"] == len(values) and got["min"] == round(values.min(), 4) and got["max"] == round(values.max(), 4)
+    assert abs(got["mean"] - values.mean()) < 1e-3
+    for name, q in (("p10", 10), ("median", 50), ("p90", 90)):
+        assert abs(got[name] - np.percentile(values, q)) <= ScoreSketch.STEP, name
+    exact, _ = np.histogram(values, bins=10)
+    assert sum(got["histogram"]["counts"]) == len(values)
+    # Only scores within 0.01 of a bin edge can land in the neighbouring bin.
+    assert np.abs(np.array(got["histogram"]["counts"]) - exact).max() <= 0.002 * len(values)
+
+
 @pytest.mark.parametrize("output_format", ["files", "webdataset"])
 def test_report_and_contact_sheet_from_what_the_output_holds(tmp_path, output_format):
     from pipeline.writer import ShardNumbers, ShardWriter
