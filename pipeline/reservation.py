@@ -38,9 +38,9 @@ class GpuReservation:
 
         if self.group.wait(timeout_seconds=0):
             return
+        have = float(ray.cluster_resources().get("GPU", 0.0))  # read first: GPUs may come while before_waiting runs
         before_waiting()
         started = time.monotonic()
-        have = float(ray.cluster_resources().get("GPU", 0.0))
         say(f"waiting for {self.gpus} GPU(s) ({have:g} in the cluster now; an autoscaler adds nodes for the rest), "
             f"up to {timeout_s:g} s")
         while True:
