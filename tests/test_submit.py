@@ -82,10 +82,14 @@ def submit(address: str, *generate_args: str) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).resolve().parent.parent)
 
 
+FUSED = ["run.fuse_stages=true"]
+"""The job is about submission, not placement: one CPU actor runs every stage (the head has no GPUs)."""
+
+
 def test_submit_runs_the_job_on_the_head_and_exits_with_its_status(tiny_models, ray_head, tmp_path):
     prompts = write_prompts(tmp_path / "p.parquet", ["a red fox", "a blue bird", "a green frog"])
     output = tmp_path / "out"
-    sets = [arg for s in FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
+    sets = [arg for s in FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + FUSED
             for arg in ("--set", s)]
     first = submit(ray_head, "--input", prompts, "--output", str(output), *sets)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
