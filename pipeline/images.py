@@ -59,8 +59,10 @@ def carried(values: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def source_value(batch: dict, column: str, i: int):
-    """Row i's image as the input gave it (see `carried`): its encoded bytes, its path / URL, or None."""
-    kind = int(batch[kind_column(column)][i])
+    """Row i's image as the input gave it (see `carried`): its encoded bytes, its path / URL, or None (also when
+    the input has no such column: a variation input may give only image embeddings)."""
+    kinds = batch.get(kind_column(column))
+    kind = NO_IMAGE if kinds is None else int(kinds[i])
     if kind == IMAGE_BYTES:
         return bytes(batch[column][i])
     return bytes(batch[column][i]).decode("utf-8") if kind == IMAGE_LOCATION else None

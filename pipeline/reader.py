@@ -12,8 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import images, rowids, seeds, storage
-from pipeline.config import (FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, INTERPOLATION_COLUMNS, TARGET_PROMPT_COLUMN,
-                             THETA_MAX_COLUMN, Config)
+from pipeline.config import FRAMES_COLUMN, IMAGE_EMBEDDING_COLUMN, TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN, Config
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -150,7 +149,7 @@ def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
                           f"needs {what}")
 
     if mode == "interpolation":
-        found = list(INTERPOLATION_COLUMNS)
+        found = list(config.source_image_columns)
         for column in found:
             if column not in names:
                 raise missing(column, "each row's two images in 'image_a' and 'image_b', as bytes or paths / URLs")
@@ -187,7 +186,7 @@ def _image_columns(config: Config, path: str, schema: pa.Schema) -> list[str]:
                     or not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
                 raise InputError(f"input column '{column}' in {path} is {kind}, expected a list of floats (a raw "
                                  "CLIP image embedding)")
-        elif column not in (TARGET_PROMPT_COLUMN, THETA_MAX_COLUMN, FRAMES_COLUMN) and not (
+        elif column in config.source_image_columns and not (
                 pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind)
                 or pa.types.is_large_string(kind)):
             raise InputError(f"input column '{column}' in {path} is {kind}, expected encoded image bytes (binary) "

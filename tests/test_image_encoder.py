@@ -154,3 +154,18 @@ def test_a_textdiff_run_through_ray_writes_every_frame_to_webdataset_shards(tiny
             z_image / scale, difference / np.linalg.norm(difference), theta), decoder_steps=4, super_res_steps=3)
         assert within_tolerance(image, expected), f"{row_id} frame {frame}: {psnr(image, expected):.1f} dB"
     assert len([a for a in summary["actors"] if a["stage"] == "decoder"]) == 2
+
+
+def test_a_variation_input_of_embeddings_alone_needs_no_image_column(tiny_models):
+    from actors.base import StageContext
+    from actors.image_encoder import ImageEncoderActor
+    from benchmarks.local import prompt_batch
+
+    config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False)
+                         + ["mode=variation"], input_path="in", output_path="out")
+    encoder = ImageEncoderActor(StageContext(config=config))
+    batch = prompt_batch([""], [[3]])
+    batch["image_embedding"] = np.empty(1, dtype=object)
+    batch["image_embedding"][0] = [0.1] * encoder.dim
+    out = encoder(batch)
+    assert (out["status"][0], out["error"][0], out["source"][0]) == ("ok", "", "")
