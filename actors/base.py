@@ -126,8 +126,14 @@ class StageActor:
                                      self.config.storage_options, models.allow_pickle)
 
     def load_component(self, path: str, source_key: str, component: str):
-        return checkpoints.load(path, self.config.model_layouts()[source_key], component, torch_dtype=self.dtype,
-                                device=self.device, allow_pickle=self.config.models.allow_pickle)
+        try:
+            return checkpoints.load(path, self.config.model_layouts()[source_key], component, torch_dtype=self.dtype,
+                                    device=self.device, allow_pickle=self.config.models.allow_pickle)
+        except Exception as exc:
+            # Name the checkpoint as the user gave it: some loaders' errors name no file at all.
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RuntimeError(f"{component} of models.{source_key}={getattr(self.config.models, source_key)}: "
+                               f"{detail}") from exc
 
     def tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype or self.dtype)
