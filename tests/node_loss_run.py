@@ -20,10 +20,17 @@ from pipeline.config import load_config
 from pipeline.run import generate
 
 
+T0 = time.time()
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     node = {"object_store_memory": 200 * 1024 * 1024}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 2, "num_gpus": 0})
+    # A lost node is declared dead after 3 missed health checks 1 s apart (Ray: 5, 3 s apart), so the test waits
+    # less for what it checks: the run goes on without it.
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 2, "num_gpus": 0,
+                                                            "_system_config": health})
     doomed = cluster.add_node(**node, num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
@@ -39,6 +46,7 @@ def main() -> None:
         except BaseException as exc:  # noqa: BLE001 - reported to the parent test
             outcome["error"] = f"{type(exc).__name__}: {exc}"
         outcome["wall_s"] = round(time.time() - started, 1)
+        outcome["ended_at"] = round(time.time() - T0, 1)
 
     job = threading.Thread(target=run, daemon=True)
     job.start()
@@ -53,9 +61,10 @@ def main() -> None:
         cluster.add_node(**node, num_cpus=2, num_gpus=1)
         cluster.remove_node(doomed, allow_graceful=False)
         events["removed_node"] = doomed.node_id
+        events["removed_at"] = round(time.time() - T0, 1)
     job.join(timeout=300)
     events.update(counts=outcome.get("summary", {}).get("counts"), error=outcome.get("error"),
-                  wall_s=outcome.get("wall_s"), nodes_alive=len([n for n in ray.nodes() if n["Alive"]]))
+                  wall_s=outcome.get("wall_s"), ended_at=outcome.get("ended_at"), nodes_alive=len([n for n in ray.nodes() if n["Alive"]]))
     print("RESULT " + json.dumps(events), flush=True)
     ray.shutdown()
     cluster.shutdown()

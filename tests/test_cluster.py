@@ -42,7 +42,9 @@ def test_a_run_scales_gpu_nodes_from_zero_and_equals_the_static_run(ray_session,
     add, waits for it, runs every stage on it, and makes the images an in-process run makes."""
     prompts = ["a red fox", "a blue bird", "a green frog"]
     path = write_prompts(tmp_path / "p.parquet", prompts)
-    sets = FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + ["seed=5"]
+    # Fused: one actor process runs every stage on the new node (the session run checks one actor per stage).
+    sets = FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + ["seed=5",
+                                                                                         "run.fuse_stages=true"]
     output = tmp_path / "out"
 
     @ray_session.remote

@@ -124,10 +124,12 @@ def test_a_textdiff_run_through_ray_writes_every_frame_to_webdataset_shards(tiny
         "theta_max": pa.array([1.0, None, None], pa.float64()), "frames": pa.array([None, 2, None], pa.int64()),
         "seed": pa.array([21, 8, 4], pa.int64()),
     }), tmp_path / "rows.parquet")
-    # Both session GPUs: each hosts one actor of every stage, and rows of 3 images in decoder passes of 2 make
-    # batches of one row, which the two decoders split between them.
+    # Two decoder actors (one for each other stage, so fewer processes start): rows of 3 images in decoder passes
+    # of 2 make batches of one row, which the two decoders split between them.
     config = load_config(None, FAST_STEPS + model_overrides(tiny_models, upsampler_1024=False, clip=False) + [
         "mode=textdiff", "textdiff.frames=3", "output.format=webdataset", "stages.decoder.batch_size=2",
+        "stages.decoder.replicas=2", "stages.decoder.num_gpus=0.5", *[f"stages.{stage}.{setting}" for stage in (
+            "image_encoder", "upsampler_256") for setting in ("replicas=1", "num_gpus=0.25")],
     ], input_path=str(tmp_path / "rows.parquet"), output_path=str(tmp_path / "out"))
     summary = generate(config).summary
     assert (summary["counts"]["ok"], summary["counts"]["error"], summary["counts"]["images"]) == (2, 1, 5)
