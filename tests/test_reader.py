@@ -263,3 +263,21 @@ def test_image_paths_and_image_bytes_from_different_files_stay_apart_when_ray_me
     assert len(merged["id"]) == 6
     given = {**paths, **blobs}
     assert {row_id: images.source_value(merged, "image", i) for i, row_id in enumerate(merged["id"])} == given
+
+
+def test_the_reader_lists_its_files_without_a_pool_of_footer_reading_actors(ray_session, tmp_path):
+    from pipeline.reader import read_prompts
+
+    # Ray Data's default Parquet reader lists files with a ListFiles step that starts and kills 32 footer-reading
+    # actors for every read (seconds of process start-up per run); the reader asks for the one that does not.
+    path = write_prompts(tmp_path / "prompts.parquet", ["a", "b", "c"])
+    cfg = config(path)
+    dataset = read_prompts(cfg, preflight(cfg))
+    names, todo = [], [dataset._logical_plan.dag]  # Ray Data's logical operators, from the last one up
+    while todo:
+        operator = todo.pop()
+        names.append(operator.name)
+        todo.extend(operator.input_dependencies)
+    assert any("Parquet" in name for name in names) and not any("ListFiles" in name for name in names), names
+    assert sorted(row["prompt"] for row in dataset.take_all()) == ["a", "b", "c"]
+    assert ray_session.data.DataContext.get_current().use_datasource_v2, "the context is left as it was"
