@@ -130,10 +130,10 @@ class StageActor:
             return checkpoints.load(path, self.config.model_layouts()[source_key], component, torch_dtype=self.dtype,
                                     device=self.device, allow_pickle=self.config.models.allow_pickle)
         except Exception as exc:
-            # Name the checkpoint as the user gave it: some loaders' errors name no file at all.
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # Name the checkpoint as the user gave it: some loaders' errors name no file at all. (The stage's
+            # load error keeps the first line.)
             raise RuntimeError(f"{component} of models.{source_key}={getattr(self.config.models, source_key)}: "
-                               f"{detail}") from exc
+                               f"{str(exc) or type(exc).__name__}") from exc
 
     def tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype or self.dtype)

@@ -64,7 +64,8 @@ def main() -> None:
         events["removed_at"] = round(time.time() - T0, 1)
     job.join(timeout=300)
     events.update(counts=outcome.get("summary", {}).get("counts"), error=outcome.get("error"),
-                  wall_s=outcome.get("wall_s"), ended_at=outcome.get("ended_at"), nodes_alive=len([n for n in ray.nodes() if n["Alive"]]))
+                  wall_s=outcome.get("wall_s"), ended_at=outcome.get("ended_at"),
+                  nodes_alive=len([n for n in ray.nodes() if n["Alive"]]))
     print("RESULT " + json.dumps(events), flush=True)
     ray.shutdown()
     cluster.shutdown()
