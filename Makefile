@@ -9,17 +9,17 @@ DEMO_OUTPUT ?= outputs/demo
 
 install: $(STAMP)
 
-# torch (pinned in pyproject.toml) goes in through pip, which honours this machine's pip configuration: it takes
-# the CUDA build from PyPI on a GPU machine and a bundled CPU wheel where one is provided (find-links), so the
-# install stays small on CPU-only machines. uv then installs everything else and keeps that torch: seconds, where
-# pip takes about a minute and a half on a 2-core machine.
-TORCH_PIN := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+# uv installs everything (seconds, where pip takes about a minute and a half on a 2-core machine). uv does not read
+# pip's configuration, so the find-links it names are handed on: where a machine provides its own torch wheel (a
+# CPU build, say) that one is taken, and elsewhere PyPI's (the CUDA build on Linux), as pip would.
 UV_PIN := uv==0.13.9
+PIP_FIND_LINKS_SET = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p" | tr ' ' '\n' | sort -u)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_PIN)' '$(UV_PIN)'
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(UV_PIN)'
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
+		$(foreach links,$(PIP_FIND_LINKS_SET),--find-links $(links)) -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

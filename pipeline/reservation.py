@@ -106,6 +106,11 @@ class GpuReservation:
         self.group = None
 
 
+GPU_DRIVER_FILES = ("/dev/nvidiactl", "/dev/kfd")
+"""Device files of NVIDIA's driver and of AMD's (ROCm, which torch also reaches as CUDA): one exists wherever a GPU
+can be used."""
+
+
 def _describe_gpu() -> dict:
     import os
     import socket
@@ -114,6 +119,8 @@ def _describe_gpu() -> dict:
 
     info = {"node": socket.gethostname(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cuda": None,
             "memory_gb": None, "name": None}
+    if not any(os.path.exists(path) for path in GPU_DRIVER_FILES):
+        return info  # no GPU driver on this node, so nothing for torch to find; importing it takes seconds
     try:
         import torch
 

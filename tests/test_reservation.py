@@ -72,3 +72,35 @@ def test_the_output_claim_settles_while_the_gpus_are_probed_and_a_lost_claim_fre
         again.wait(5.0, print)
     finally:
         again.release()
+
+
+
+GPU_PROBE = r"""
+import json, sys
+import ray
+from pipeline import reservation
+
+ray.get_gpu_ids = lambda: ["0"]  # as in a task given a (fake) GPU; no Ray is started
+seen = []
+for driver_file in ("/nonexistent/nvidiactl", "/dev/null"):  # a node without a GPU driver, then one with
+    reservation.GPU_DRIVER_FILES = (driver_file,)
+    seen.append({"info": reservation._describe_gpu(), "torch_imported": "torch" in sys.modules})
+print(json.dumps(seen))
+"""
+
+
+def test_the_gpu_probe_imports_torch_only_where_a_gpu_driver_is():
+    """Each run probes its GPUs; on a node without a GPU driver there is no CUDA for torch to find, and importing
+    torch would only add seconds to every run's start."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    without_driver, with_driver = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not without_driver["torch_imported"] and with_driver["torch_imported"]
+    for probed in (without_driver, with_driver):  # no CUDA here either way
+        assert probed["info"]["gpu_ids"] == ["0"] and probed["info"]["cuda"] is None, probed
