@@ -315,10 +315,12 @@ def phases_of_generate(sampler: PhaseSampler):
                 sampler.enter(after)
         return wrapped
 
-    saved = {name: getattr(run, name) for name in ("preflight", "build_dataset", "scan_metadata", "write_report")}
+    saved = {name: getattr(run, name) for name in ("preflight", "committed_ids", "build_dataset", "scan_metadata",
+                                                     "write_report")}
     prepare = OutputDir.prepare
     run.preflight = wrap(saved["preflight"], "preflight", "setup")
     OutputDir.prepare = wrap(prepare, "prepare", "setup")
+    run.committed_ids = wrap(saved["committed_ids"], "prepare", "setup")
 
     def build_dataset(*args, **kwargs):
         sampler.enter("streaming")  # from here to the accounting scan: the dataset streams to its end

@@ -367,7 +367,8 @@ def _is_nan(value) -> bool:
 
 def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: float | None = None,
                  runtime_env: dict | None = None):
-    """A streaming Ray Dataset of pipeline rows; rows whose id is in done_ids (an IdSet) are dropped."""
+    """A streaming Ray Dataset of pipeline rows; rows whose id is in done_ids (an IdSet, or a Ray reference to
+    one) are dropped."""
     import ray
     import ray.data
 
@@ -378,7 +379,9 @@ def read_prompts(config: Config, info: InputInfo, *, done_ids=None, num_cpus: fl
         columns.append(config.input.id_name)
     if info.has_seed:
         columns.append(config.input.seed_name)
-    preparer = RowPreparer(config, info, ray.put(done_ids) if done_ids else None)
+    if isinstance(done_ids, rowids.IdSet):  # shipped once through the object store, not with every task
+        done_ids = ray.put(done_ids) if done_ids else None
+    preparer = RowPreparer(config, info, done_ids)
     # Ray Data's default (V2) Parquet reader lists the files through a pool of footer-reading actors (32) that it
     # starts and kills for every read: a burst of worker processes and seconds of start-up to read a few prompt
     # files' footers (a 3-row file: about 3 s, against 0.1 s). The V1 reader reads footers in its own tasks and

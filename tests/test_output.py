@@ -47,35 +47,41 @@ def prepare(cfg):
         return state
 
 
+def committed_ids(cfg, state=None):
+    """The ids an attempt on this output skips: those in the parts `state` (a new attempt's if None) counts."""
+    state = state or prepare(cfg)
+    return OutputDir(cfg).committed_ids(state.committed_parts)
+
+
 def test_error_if_exists_refuses_a_non_empty_output(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "something").write_text("x")
     with pytest.raises(OutputError, match="already has content and output.mode=error_if_exists"):
         prepare(config(tmp_path / "out", "output.mode=error_if_exists"))
-    assert len(prepare(config(tmp_path / "fresh", "output.mode=error_if_exists")).done_ids) == 0
+    assert len(committed_ids(config(tmp_path / "fresh", "output.mode=error_if_exists"))) == 0
 
 
 def test_overwrite_starts_from_nothing(tmp_path):
     out = tmp_path / "out"
     with attempt(config(out)) as (_, _, write):
         write(batch())
-    state = prepare(config(out, "output.mode=overwrite"))
-    assert len(state.done_ids) == 0 and not (out / "metadata").exists() and (out / RUN_FILE).exists()
+    assert len(committed_ids(config(out, "output.mode=overwrite"))) == 0
+    assert not (out / "metadata").exists() and (out / RUN_FILE).exists()
 
 
 def test_resume_loads_committed_rows_and_refuses_other_settings(tmp_path):
     out = tmp_path / "out"
     with attempt(config(out)) as (_, _, write):
         write(batch())
-    state = prepare(config(out, "stages.decoder.batch_size=64", "stages.prior.replicas=3"))
-    assert len(state.done_ids) == 3, "batching and placement may change between attempts"
-    assert state.done_ids.contains(["row-0", "row-1", "bad", "row-2"]).tolist() == [True, True, True, False]
+    done = committed_ids(config(out, "stages.decoder.batch_size=64", "stages.prior.replicas=3"))
+    assert len(done) == 3, "batching and placement may change between attempts"
+    assert done.contains(["row-0", "row-1", "bad", "row-2"]).tolist() == [True, True, True, False]
     with pytest.raises(OutputError, match=r"different settings \(seed, stages.decoder.steps\)"):
         prepare(config(out, "seed=9", "stages.decoder.steps=3"))
-    assert len(prepare(config(out, "output.quality=80")).done_ids) == 3, "png ignores quality"
+    assert len(committed_ids(config(out, "output.quality=80"))) == 3, "png ignores quality"
     lossy = tmp_path / "lossy"
     prepare(config(lossy, "output.image_format=jpg"))
-    assert len(prepare(config(lossy, "output.image_format=jpeg")).done_ids) == 0, "jpg is jpeg"
+    assert len(committed_ids(config(lossy, "output.image_format=jpeg"))) == 0, "jpg is jpeg"
     with pytest.raises(OutputError, match=r"different settings \(output.quality\)"):
         prepare(config(lossy, "output.image_format=jpeg", "output.quality=80"))
 
@@ -158,7 +164,7 @@ def test_a_dead_attempts_late_commit_is_fenced_out_and_never_counted(tmp_path):
         dead_writer(rows_of(["a", "b"]))
     # A newer attempt starts; the dead one's writer, still running, tries to commit more rows.
     with attempt(cfg) as (output, state, write):
-        assert len(state.done_ids) == 2
+        assert len(committed_ids(cfg, state)) == 2
         with pytest.raises(FencedOut, match="no longer holds output"):
             dead_writer(rows_of(["c", "d"]))
         # Had its commit slipped in between the check and the write, the part is not this attempt's: not counted.
@@ -199,7 +205,7 @@ def test_parts_an_older_version_named_still_count_on_resume(tmp_path):
     (out / "metadata" / "00000.parquet").rename(out / "metadata" / f"part-{ledger['attempt']}-0123456789abcdef0123.parquet")
     del ledger["first_shard"], ledger["shard_end"]
     (out / "_attempt.json").write_text(json.dumps(ledger))
-    assert len(prepare(cfg).done_ids) == 2
+    assert len(committed_ids(cfg)) == 2
 
 
 def test_a_finished_run_is_reported_not_redone(tmp_path):
@@ -279,7 +285,7 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
         prepare(config(out, "output.mode=overwrite"))
     assert list((out / "metadata").glob("*.parquet")), "nothing was deleted"
     (out / "notes.txt").unlink()
-    assert len(prepare(config(out, "output.mode=overwrite")).done_ids) == 0
+    assert len(committed_ids(config(out, "output.mode=overwrite"))) == 0
     assert not (out / "metadata").exists()
 
 
@@ -320,7 +326,7 @@ def test_a_finished_output_is_unfinished_for_an_input_with_other_rows(tmp_path):
         state = output.prepare(input_fingerprint="five")  # the input grew: resume the rows it has not seen
     finally:
         output.release()
-    assert state.finished is None and len(state.done_ids) == 3 and not (out / SUCCESS_FILE).exists()
+    assert state.finished is None and len(committed_ids(config(out), state)) == 3 and not (out / SUCCESS_FILE).exists()
 
 
 def test_text_runs_recorded_before_the_image_modes_still_resume_and_other_modes_are_refused(tmp_path):

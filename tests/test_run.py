@@ -313,3 +313,18 @@ def test_library_noise_is_off_unless_verbose(ray_session):
     finally:
         context.print_on_execution_start = saved[0]
         logging.getLogger("ray.data").setLevel(saved[1])
+
+
+def test_a_resume_keeps_its_committed_ids_in_the_object_store_not_in_the_driver(ray_session, tmp_path):
+    """At 10M rows the committed-id set is 160 MB: the driver gets its size and a reference for the readers."""
+    from pipeline.run import committed_ids
+    from tests.test_output import attempt, config, prepare, rows_of
+
+    cfg = config(tmp_path / "out")
+    assert committed_ids(cfg, prepare(cfg).committed_parts) == (0, None)
+    with attempt(cfg) as (_, _, write):
+        write(rows_of(["a", "b", "bad"]))
+        write(rows_of(["c", "bad2"]))
+    count, ids = committed_ids(cfg, prepare(cfg).committed_parts)
+    assert count == 5 and isinstance(ids, ray_session.ObjectRef)
+    assert ray_session.get(ids).contains(["a", "bad2", "d"]).tolist() == [True, True, False]
