@@ -346,7 +346,10 @@ def committed_ids(config: Config, parts: list[str]):
         return 0, None
     build = ray.remote(num_returns=2, num_cpus=0.1, max_retries=3)(_committed_id_set)
     count, ids = build.options(runtime_env={"env_vars": stage_env(config)}).remote(config, parts)
-    return ray.get(count), ids
+    try:
+        return ray.get(count), ids
+    except ray.exceptions.RayTaskError as failure:  # what went wrong reading the parts, not Ray's wrapper of it
+        raise (failure.cause or failure) from None
 
 
 def _committed_id_set(config: Config, parts: list[str]):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -328,3 +329,8 @@ def test_a_resume_keeps_its_committed_ids_in_the_object_store_not_in_the_driver(
     count, ids = committed_ids(cfg, prepare(cfg).committed_parts)
     assert count == 5 and isinstance(ids, ray_session.ObjectRef)
     assert ray_session.get(ids).contains(["a", "bad2", "d"]).tolist() == [True, True, False]
+    unreadable = tmp_path / "out" / "metadata" / "garbage.parquet"
+    unreadable.write_bytes(b"not parquet")
+    with pytest.raises(pa.ArrowInvalid) as failure:  # the reading error itself, as in the driver, not Ray's wrapper
+        committed_ids(cfg, [str(unreadable)])
+    assert not isinstance(failure.value, ray_session.exceptions.RayTaskError)
