@@ -26,6 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+# Every Ray these tests start (the session's, and the clusters that test_faults, test_submit and test_cluster start
+# in subprocesses, which inherit the environment) keeps its idle Python workers. By default a raylet keeps at
+# most one per CPU (4 here) and ends the others after a second idle; with a run's stage actors holding workers,
+# every later Ray Data task (read, row preparation, write) then started a fresh worker process that imports
+# pyarrow, fsspec and the project again, 1-2 CPU-s each on a 2-core machine. The product leaves Ray's default.
+os.environ.setdefault("RAY_num_workers_soft_limit", "64")
+
 # Fewer steps than the defaults keep CPU tests fast; guidance stays on so it is exercised.
 FAST_STEPS = ["stages.prior.steps=4", "stages.decoder.steps=4", "stages.upsampler_256.steps=3",
               "stages.upsampler_1024.steps=3"]
