@@ -26,15 +26,21 @@ def rss_mb() -> tuple[float, float]:
     return round(found["RssAnon"], 1), round(found["RssShmem"], 1)
 
 
+def payload(batch, block_kb: float):
+    """A stage whose output block is about `block_kb` KB, whatever its input."""
+    rows = len(batch["id"])
+    values = max(1, int(block_kb * 1024 / 8))
+    return {"id": batch["id"], "payload": np.ones((rows, max(1, values // rows)), dtype=np.float64)}
+
+
 class Payload:
-    """An actor stage whose output block is about `block_kb` KB, whatever its input."""
+    """`payload` as an actor stage."""
 
     def __init__(self, block_kb: float):
-        self.values = max(1, int(block_kb * 1024 / 8))
+        self.block_kb = block_kb
 
     def __call__(self, batch):
-        rows = len(batch["id"])
-        return {"id": batch["id"], "payload": np.ones((rows, max(1, self.values // rows)), dtype=np.float64)}
+        return payload(batch, self.block_kb)
 
 
 def one_row(batch):
@@ -48,16 +54,20 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4000)
     parser.add_argument("--block-kb", type=float, default=60.0)
     parser.add_argument("--rows-per-block", type=int, default=100)
+    parser.add_argument("--tasks", action="store_true", help="run the two stages as tasks instead of actor pools")
     args = parser.parse_args()
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     table = [("seconds", "rows", "driver anon MB", "driver shmem MB")]
     began = time.time()
     table.append((0, 0, *rss_mb()))
-    stage = dict(compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_args=(args.block_kb,))
+    if args.tasks:
+        fn, stage = payload, dict(fn_kwargs={"block_kb": args.block_kb})
+    else:
+        fn, stage = Payload, dict(fn_constructor_args=(args.block_kb,), compute=ray.data.ActorPoolStrategy(size=1))
     dataset = (ray.data.range(args.blocks * args.rows_per_block, override_num_blocks=args.blocks)
-               .map_batches(Payload, batch_size=args.rows_per_block, **stage)
-               .map_batches(Payload, batch_size=None, **stage)
+               .map_batches(fn, batch_size=args.rows_per_block, **stage)
+               .map_batches(fn, batch_size=None, **stage)
                .map_batches(one_row, batch_size=None))
     rows = 0
     for i, batch in enumerate(dataset.iter_batches(batch_size=None, batch_format="numpy")):
@@ -65,7 +75,7 @@ def main() -> None:
         if i % max(1, args.blocks // 5) == 0:
             table.append((round(time.time() - began), rows, *rss_mb()))
     table.append((round(time.time() - began), rows, *rss_mb()))
-    print(f"{args.blocks} blocks of {args.block_kb:g} KB through two actor stages")
+    print(f"{args.blocks} blocks of {args.block_kb:g} KB through two {'task' if args.tasks else 'actor'} stages")
     for row in table:
         print("  ".join(f"{value!s:>16}" for value in row))
 
