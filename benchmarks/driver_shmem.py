@@ -58,9 +58,14 @@ def main() -> None:
     args = parser.parse_args()
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    table = [("seconds", "rows", "driver anon MB", "driver shmem MB")]
+    def show(*row):  # as it goes: a long probe that is stopped early still says what it saw
+        print("  ".join(f"{value!s:>16}" for value in row), flush=True)
+
+    block_kind = f"{args.block_kb:g} KB through two {'task' if args.tasks else 'actor'} stages"
+    print(f"{args.blocks} blocks of {block_kind}", flush=True)
+    show("seconds", "rows", "driver anon MB", "driver shmem MB")
     began = time.time()
-    table.append((0, 0, *rss_mb()))
+    show(0, 0, *rss_mb())
     if args.tasks:
         fn, stage = payload, dict(fn_kwargs={"block_kb": args.block_kb})
     else:
@@ -73,11 +78,8 @@ def main() -> None:
     for i, batch in enumerate(dataset.iter_batches(batch_size=None, batch_format="numpy")):
         rows += int(batch["rows"].sum())
         if i % max(1, args.blocks // 5) == 0:
-            table.append((round(time.time() - began), rows, *rss_mb()))
-    table.append((round(time.time() - began), rows, *rss_mb()))
-    print(f"{args.blocks} blocks of {args.block_kb:g} KB through two {'task' if args.tasks else 'actor'} stages")
-    for row in table:
-        print("  ".join(f"{value!s:>16}" for value in row))
+            show(round(time.time() - began), rows, *rss_mb())
+    show(round(time.time() - began), rows, *rss_mb())
 
 
 if __name__ == "__main__":
