@@ -1,10 +1,10 @@
 """Whether a Ray Data driver's RSS takes object-store pages when it only consumes tiny outputs: a probe.
 
-`python -m benchmarks.driver_shmem --blocks 4000 --block-kb 60` streams `--blocks` blocks of `--block-kb` KB
+`python -m benchmarks.driver_shmem --blocks 4000 --block-kb 400` streams `--blocks` blocks of `--block-kb` KB
 through two actor stages and a task that reduces each block to one row, iterated in this (the driver) process,
-and prints the driver's private (RssAnon) and object-store (RssShmem) pages as it goes. Blocks under Ray's
-inline limit (100 KB) come back to their owner, the driver, and are put into the object store again when
-passed to the next stage; larger blocks never touch the driver.
+and prints the driver's private (RssAnon) and object-store (RssShmem) pages as it goes. With `--tasks` Ray Data
+fuses the stages into one task, so no block passes between operators: the comparison that shows the driver's
+pages follow the blocks passed between actor pools.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ import time
 
 import numpy as np
 
+from benchmarks.memory_run import rss_parts
+
 
 def rss_mb() -> tuple[float, float]:
     """(RssAnon, RssShmem) of this process in MB."""
-    found = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssShmem"):
-                found[key] = int(value.split()[0]) / 1024
-    return round(found["RssAnon"], 1), round(found["RssShmem"], 1)
+    parts = rss_parts()
+    return round(parts.get("RssAnon", 0) / 2**20, 1), round(parts.get("RssShmem", 0) / 2**20, 1)
 
 
 def payload(batch, block_kb: float):
@@ -58,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
     def show(*row):  # as it goes: a long probe that is stopped early still says what it saw
         print("  ".join(f"{value!s:>16}" for value in row), flush=True)
 
