@@ -20,6 +20,7 @@ import numpy as np
 from actors.base import StageContext
 from pipeline.progress import actor_location
 from pipeline.counters import BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, merge_stage_counters
+from pipeline.stream import OutputStream
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,15 @@ def measure(dataset, first: str, last: str, bound: float | None) -> Measurement:
     totals: dict[str, float] = {}
     placement: dict[str, dict[int, set]] = {}
     rows = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        rows += len(batch["id"])
-        merge_stage_counters(totals, {k: v for k, v in batch.items() if k.startswith((BEGIN_PREFIX, END_PREFIX))})
-        for key in batch:
-            if key.startswith("_bundle_"):
-                stage = key[len("_bundle_"):]
-                for bundle, gpu in zip(batch[key], batch["_gpu_" + stage]):
-                    placement.setdefault(stage, {}).setdefault(int(bundle), set()).add(str(gpu))
+    with OutputStream(dataset) as stream:
+        for batch in stream:
+            rows += len(batch["id"])
+            merge_stage_counters(totals, {k: v for k, v in batch.items() if k.startswith((BEGIN_PREFIX, END_PREFIX))})
+            for key in batch:
+                if key.startswith("_bundle_"):
+                    stage = key[len("_bundle_"):]
+                    for bundle, gpu in zip(batch[key], batch["_gpu_" + stage]):
+                        placement.setdefault(stage, {}).setdefault(int(bundle), set()).add(str(gpu))
     span = totals[END_PREFIX + last] - totals[BEGIN_PREFIX + first]
     throughput = rows / span
     return Measurement(rows=rows, span_s=round(span, 3), throughput=round(throughput, 4),

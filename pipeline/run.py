@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pipeline.progress import ProgressPrinter, StartupWatch
 from pipeline.report import REPORT_FILE, scan_metadata, write_report
 from pipeline.counters import (BEGIN_PREFIX, END_PREFIX, IMAGES_PREFIX, OOM_PREFIX, SECONDS_PREFIX,
                                merge_stage_counters)
+from pipeline.stream import OutputStream
 from pipeline.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -357,24 +357,6 @@ def _committed_id_set(config: Config, parts: list[str]):
     return len(ids), ids
 
 
-EXECUTION_STOP_WAIT_S = 60.0
-"""How long a run waits for Ray Data's scheduling thread to stop once the stream has ended."""
-
-
-def _end_streaming(dataset, stream) -> None:
-    """Shut the dataset's streaming execution down and wait until its scheduling thread has stopped.
-
-    Closing the batch iterator makes Ray Data shut its executor down, which lets go of every stage's actor
-    pool. Ray Data joins its scheduling thread only briefly there, and a step still running can start
-    replacement actors into pools already shut down, so the thread is waited for here.
-    """
-    if hasattr(stream, "close"):  # Ray Data's batch iterator is a generator; closing it shuts the executor down
-        stream.close()
-    executor = getattr(dataset, "_current_executor", None)  # where Ray Data keeps the running executor
-    if isinstance(executor, threading.Thread) and executor.is_alive():
-        executor.join(EXECUTION_STOP_WAIT_S)
-
-
 def _vanished_rows(config: Config, committed: int, rows: int) -> str:
     if config.input.limit is not None and rows == config.input.limit:
         return (f"{config.output.path} holds {committed} rows, more than input.limit {rows}: an earlier run "
@@ -401,7 +383,7 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
     stage_work: dict[str, float] = {}
     load_failure = None
     interrupted = False
-    stream = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    stream = OutputStream(dataset)
     try:
         for batch in stream:
             new_rows += int(batch["rows"].sum())
@@ -423,7 +405,7 @@ def _execute(config: Config, info: reader.InputInfo, state, output: OutputDir, a
         interrupted = True
     finally:
         watch.stop()
-        _end_streaming(dataset, stream)
+        stream.close()
         actors = printer.placement()
         printer.end_actors()  # so a next run in this process gets their CPUs and GPUs, even after a failure
         printer.close()
