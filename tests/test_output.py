@@ -245,13 +245,22 @@ def test_a_run_that_lost_rows_is_not_declared_finished(tmp_path, monkeypatch):
     from tests.conftest import write_prompts
 
     class NothingCameThrough:
-        def iter_batches(self, **kwargs):
+        """The run's output stream, delivering no rows."""
+
+        def __init__(self, dataset):
+            pass
+
+        def __iter__(self):
             return iter(())
+
+        def close(self):
+            pass
 
     monkeypatch.setattr(run, "connect_ray", lambda verbose: None)
     monkeypatch.setattr(run, "planned_cluster", lambda config: run.ClusterShape(cpus=2.0, gpus=0))
     monkeypatch.setattr(run, "ProgressPrinter", Silent)
-    monkeypatch.setattr(run, "build_dataset", lambda *args, **kwargs: NothingCameThrough())
+    monkeypatch.setattr(run, "build_dataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(run, "OutputStream", NothingCameThrough)
     out = tmp_path / "out"
     prompts = write_prompts(tmp_path / "p.parquet", ["x", "y"])
     with pytest.raises(run.RunFailed, match="only 0 of 2 input rows reached the output"):
