@@ -15,9 +15,10 @@ class OutputStream:
     Not `Dataset.iter_batches`: its iterator sends the dataset's whole execution statistics, which grow by
     about 1 KB per block of every operator, to Ray Data's stats actor every 5 seconds. Each copy over 100 KB
     goes through the object store, and the driver's RSS kept the store pages those copies touched: 348 MB
-    after 10M rows, the driver's only memory that grew with a run's length. A run's output blocks are a
-    few counters each, so fetching them directly loses nothing (Ray Data's executor still reports its own
-    operator metrics).
+    after 10M rows, most of what the driver grew by over a long run. A run's output blocks are a few
+    counters each, so fetching them directly loses nothing (Ray Data's executor still reports its own
+    operator metrics; only the iterator's `data_iter_*` metrics, which describe a training loop's waits, are
+    not sent).
 
     `close` (or leaving the `with` block) shuts the streaming execution down, which lets go of every stage's
     actor pool, and waits for the scheduling thread: a step still running could otherwise start replacement
@@ -32,8 +33,8 @@ class OutputStream:
         import ray
         from ray.data.block import BlockAccessor
 
-        # The only way to both stream the output bundles and hold the executor, to shut it down when the
-        # caller stops early. The first bundle is computed before this returns.
+        # A private method (Ray is pinned): the public iter_internal_ref_bundles streams the same bundles but
+        # keeps the executor to itself, and `close` needs it. The first bundle is computed before this returns.
         bundles, _, self._executor = self._dataset._execute_to_iterator()
         for bundle in bundles:
             for block in bundle.blocks:
