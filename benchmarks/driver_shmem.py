@@ -79,11 +79,8 @@ def main() -> None:
                .map_batches(fn, batch_size=None, **stage)
                .map_batches(one_row, batch_size=None))
     rows = 0
-    with contextlib.ExitStack() as stack:
-        if args.output_stream:
-            batches = stack.enter_context(OutputStream(dataset))
-        else:
-            batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+    with (OutputStream(dataset) if args.output_stream
+          else contextlib.nullcontext(dataset.iter_batches(batch_size=None, batch_format="numpy"))) as batches:
         for i, batch in enumerate(batches):
             rows += int(batch["rows"].sum())
             if i % max(1, args.blocks // 5) == 0:

@@ -62,11 +62,10 @@ def test_the_stream_does_not_ship_ray_datas_statistics_from_the_driver(ray_sessi
 def test_closing_the_stream_early_frees_its_actor_pool(ray_session):
     free_before = ray_session.available_resources().get("CPU", 0)
     stream = OutputStream(actor_dataset(ray_session, 600, seconds_per_block=0.1))  # a minute of work
-    batches = iter(stream)  # held, as a caller that stops early holds it: its garbage collection frees nothing
+    batches = iter(stream)  # held to the end, as a caller that stops early holds it: no garbage collection frees it
     next(batches)
     stream.close()
     deadline = time.time() + 20
     while ray_session.available_resources().get("CPU", 0) < free_before and time.time() < deadline:
         time.sleep(0.2)
     assert ray_session.available_resources().get("CPU", 0) >= free_before
-    del batches
