@@ -69,3 +69,17 @@ def test_closing_the_stream_early_frees_its_actor_pool(ray_session):
     while ray_session.available_resources().get("CPU", 0) < free_before and time.time() < deadline:
         time.sleep(0.2)
     assert ray_session.available_resources().get("CPU", 0) >= free_before
+
+
+def test_the_stream_keeps_only_the_latest_block_statistics(ray_session, monkeypatch):
+    """Ray Data keeps every output block's statistics in the driver until the run ends (a few KB per block of
+    each operator); the stream keeps a bounded number per operator, and the run's statistics still summarise."""
+    from pipeline import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "BLOCK_STATS_KEPT", 3)
+    with OutputStream(actor_dataset(ray_session, 12)) as stream:
+        assert sum(len(b["id"]) for b in stream) == 36
+        kept = {op.name: len(op._output_blocks_stats) for op in stream._executor._topology
+                if hasattr(op, "_output_blocks_stats")}
+    assert kept and max(kept.values()) == 3, kept
+    assert "MapBatches(AddOne)" in stream._executor.get_stats().to_summary().to_string()
