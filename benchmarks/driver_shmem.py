@@ -21,7 +21,6 @@ import numpy as np
 
 from benchmarks.memory_run import rss_parts
 from pipeline import stream
-from pipeline.stream import OutputStream
 
 
 def rss_mb() -> tuple[float, float]:
@@ -90,7 +89,7 @@ def main() -> None:
                .map_batches(fn, batch_size=None, **stage)
                .map_batches(one_row, batch_size=None))
     rows = 0
-    with (OutputStream(dataset) if args.output_stream
+    with (stream.OutputStream(dataset) if args.output_stream
           else contextlib.nullcontext(dataset.iter_batches(batch_size=None, batch_format="numpy"))) as batches:
         for i, batch in enumerate(batches):
             rows += int(batch["rows"].sum())

@@ -72,8 +72,9 @@ def test_closing_the_stream_early_frees_its_actor_pool(ray_session):
 
 
 def test_the_stream_keeps_only_the_latest_block_statistics(ray_session, monkeypatch):
-    """Ray Data keeps every output block's statistics in the driver until the run ends (a few KB per block of
-    each operator); the stream keeps a bounded number per operator, and the run's statistics still summarise."""
+    """Ray Data keeps every output block's statistics in the driver until the run ends (about 1 KB of Python
+    objects per block of each operator); the stream keeps a bounded number per operator, and the run's
+    statistics still summarise."""
     from pipeline import stream as stream_module
 
     monkeypatch.setattr(stream_module, "BLOCK_STATS_KEPT", 3)
