@@ -128,7 +128,7 @@ def event_predictions(stages, plan, times, rows: int, gpus: int, bound: float, d
 
 
 def simulate(args) -> dict:
-    from benchmarks import simulation
+    from benchmarks import memory_run, simulation
     from pipeline.reservation import GpuReservation
 
     profile = _profile(args.simulate, args.gpu)
@@ -138,6 +138,7 @@ def simulate(args) -> dict:
     row_seconds = sum(profile.stages[s.name].seconds_per_image_at(plan.placements[s.name].batch_images)
                       * s.images_per_row for s in stages)
     ray_runs = args.gpus <= args.max_ray_gpus
+    memory_run.set_stage_queue_ratio(args.stage_queue_ratio)
     # Simulated seconds per real GPU-second: Ray runs are squeezed so the ideal run lasts --ideal-seconds (and
     # the event model runs at the same scale, to be checked against them); the event model alone runs in real
     # GPU-seconds, where Ray's fixed per-task costs weigh what they would on a real cluster.
@@ -180,6 +181,7 @@ def simulate(args) -> dict:
     efficiency = ours.efficiency if ours else predictions["pipeline"]["efficiency"]
     return {
         "mode": "simulate", "profile": args.simulate, "gpu": profile.gpu.name, "gpus": args.gpus,
+        "stage_queue_ratio": args.stage_queue_ratio,
         "data_parallel_memory_gb": round(dp_memory, 2), "data_parallel_batch_rows": dp_rows,
         "prompts": args.prompts, "layout": plan.layout,
         "efficiency": efficiency, "throughput": ours.throughput if ours else None, "bound": ours.bound if ours else None,
@@ -216,7 +218,7 @@ def _measured_driver(args, name: str, input_dir: str, output_dir: str) -> dict:
     spec_path = os.path.join(args.memory_dir, f"{name}.spec.json")
     result_path = os.path.join(args.memory_dir, f"{name}.result.json")
     spec = {"input": input_dir, "output": output_dir, "sets": _memory_sets(args), "result": result_path,
-            "cpus": args.memory_cpus, "traced": args.memory_tracemalloc}
+            "cpus": args.memory_cpus, "traced": args.memory_tracemalloc, "stage_queue_ratio": args.stage_queue_ratio}
     with open(spec_path, "w", encoding="utf-8") as fh:
         json.dump(spec, fh)
     print(f"[memory] {time.strftime('%H:%M:%S')} {name}: generate {input_dir} -> {output_dir}", flush=True)
@@ -367,6 +369,7 @@ def memory(args) -> dict:
         print(f"{tag}: peak({large}) / peak({small}) = {ratio} (goal <= {GOAL_GROWTH})")
     print(f"highest peak {highest} MB (goal < {GOAL_PEAK_MB:g} MB); goals {'met' if met else 'NOT met'}")
     return {"mode": "memory", "settings": _memory_sets(args), "cpus_for_ray": args.memory_cpus, "runs": runs,
+            "stage_queue_ratio": args.stage_queue_ratio,
             "peak_ratio_large_over_small": ratios[variants[0]], "peak_ratios": ratios, "highest_peak_mb": highest,
             "goal": {"peak_mb_below": GOAL_PEAK_MB, "growth_at_most": GOAL_GROWTH, "met": met}}
 
@@ -532,6 +535,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-ray-gpus", type=int, default=16,
                         help="--simulate: above this many GPUs only the event model runs (Ray would need a process "
                              "per actor on this machine)")
+    parser.add_argument("--stage-queue-ratio", type=float, default=None,
+                        help="--simulate, --memory (an experiment): bound how far a stage may run ahead of the next "
+                             "from the first block, as a multiple of the next stage's inputs in flight (default: Ray "
+                             "Data's own backpressure, which applies that bound only past half an operator's "
+                             "object-store budget)")
     parser.add_argument("--default-fraction", type=int, default=8,
                         help="--simulate: ray_data_default runs on prompts / this (it is slow)")
     parser.add_argument("--memory-batch", type=int, default=1000, help="--memory: images per batch in every stage")

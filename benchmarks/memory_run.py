@@ -137,6 +137,20 @@ def stand_in_stages():
         StageSpec.actor_class = original
 
 
+def set_stage_queue_ratio(ratio: float | None) -> None:
+    """`--stage-queue-ratio`, in this process: make Ray Data's downstream-capacity backpressure apply from the
+    first block, at `ratio` (a stage's queued output at most that many times, by bytes, the next stage's inputs
+    in flight). By default Ray Data applies it only past half an operator's object-store budget, which small rows
+    never reach. An experiment, not the product's setting: private Ray Data attribute (Ray is pinned)."""
+    if not ratio:
+        return
+    import ray.data
+    from ray.data._internal.execution.backpressure_policy import downstream_capacity_backpressure_policy as policy
+
+    ray.data.DataContext.get_current().downstream_capacity_backpressure_ratio = ratio
+    policy.DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD = 0.0
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -341,13 +355,14 @@ def phases_of_generate(sampler: PhaseSampler):
 
 
 def run_child(spec: dict) -> dict:
-    """One measured `generate` in this process: spec has input, output, sets, cpus, traced."""
+    """One measured `generate` in this process: spec has input, output, sets, cpus, traced, stage_queue_ratio."""
     import ray
 
     from pipeline import run
     from pipeline.config import load_config
 
     config = load_config(None, spec["sets"], input_path=spec["input"], output_path=spec["output"], preset="tiny")
+    set_stage_queue_ratio(spec.get("stage_queue_ratio"))
     ray.init(num_cpus=spec["cpus"], num_gpus=0, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     try:
