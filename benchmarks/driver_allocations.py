@@ -31,7 +31,7 @@ CATEGORIES = (
 def capture(args) -> None:
     import memray
 
-    from benchmarks import memory_run
+    from benchmarks import bench, memory_run
     from pipeline import run
 
     tracker = {}
@@ -49,9 +49,9 @@ def capture(args) -> None:
         return scan_metadata(*a, **k)
 
     run.build_dataset, run.scan_metadata = tracked_build, untracked_scan
-    sets = ["run.gpus=0", "output.format=webdataset", f"output.shard_size={args.shard_size}",
-            "run.progress_interval_s=60",
-            *(f"stages.{name}.batch_size={args.batch}" for name in memory_run.STAND_INS)]
+    # The memory benchmark's own settings, so a capture describes the run that benchmark measures.
+    sets = bench._memory_sets(argparse.Namespace(memory_shard_size=args.shard_size, memory_batch=args.batch,
+                                                 overrides=[]))
     figures = memory_run.run_child({"input": args.input, "output": args.output, "sets": sets, "cpus": args.cpus,
                                     "stage_queue_ratio": args.stage_queue_ratio})
     print(json.dumps({k: v for k, v in figures.items() if k != "timeline"}, indent=1))
