@@ -16,14 +16,19 @@ import psutil
 
 
 def busy_stage_actor_processes() -> list[tuple[psutil.Process, str]]:
-    """Live Ray Data stage actors on this machine that are running a batch right now.
+    """Live Ray Data stage actors of the Ray this process started that are running a batch right now.
 
     Ray titles an actor process `ray::<class>.<method>` while a method runs and `ray::<class>` when idle; a stage
     actor's batch call is `submit`. Killing only these makes every kill hit an in-flight batch, whatever the timing.
+    Only this process's descendants (its Ray's raylet starts the workers): another test process's Ray on the
+    same machine is left alone.
     """
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        title = " ".join(process.info.get("cmdline") or []).strip()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(process.cmdline()).strip()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
         if "MapWorker(MapBatches(" in title and title.endswith(".submit"):
             found.append((process, title))
     return found
