@@ -27,7 +27,7 @@ def busy_stage_actor_processes() -> list[tuple[psutil.Process, str]]:
     for process in psutil.Process().children(recursive=True):
         try:
             title = " ".join(process.cmdline()).strip()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # ended mid-scan (zombies included), or not ours
             continue
         if "MapWorker(MapBatches(" in title and title.endswith(".submit"):
             found.append((process, title))
